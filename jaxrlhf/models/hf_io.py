@@ -1,0 +1,223 @@
+"""Hugging Face checkpoints in and out: config.json + safetensors <-> our NNX models.
+
+Loading places each tensor straight into its target sharding: every device copies only its own
+slice out of the memory-mapped file (`jax.make_array_from_callback`), so no device, and no host
+buffer, ever holds the whole model. Per-layer HF tensors are stacked onto our leading "layers"
+axis on the way in and split again on the way out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from jaxrlhf.models.config import LLAMA_FAMILY, DecoderConfig
+from jaxrlhf.models.decoder import CausalLM
+from jaxrlhf.models.layers import LoraParam
+from jaxrlhf.models.safetensors_io import index_checkpoint, write_safetensors
+from jaxrlhf.parallel.rules import TRAINING_RULES, Rules, state_shardings
+
+# Our module names -> the family's names in HF state dicts.
+_RENAMES = {
+    "llama": {"decoder": "model", "attn": "self_attn", "final_norm": "norm", "attn_norm": "input_layernorm",
+              "mlp_norm": "post_attention_layernorm"},
+    "opt": {"decoder": "model.decoder", "attn": "self_attn", "mlp": None, "o_proj": "out_proj", "up_proj": "fc1",
+            "down_proj": "fc2", "final_norm": "final_layer_norm", "attn_norm": "self_attn_layer_norm",
+            "mlp_norm": "final_layer_norm"},
+}
+_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "opt": "OPTForCausalLM"}
+
+
+def hf_tensor_name(path: tuple[str, ...], model_type: str) -> str:
+    """('decoder', 'layers', 'attn', 'q_proj', 'kernel') -> 'model.layers.{i}.self_attn.q_proj.weight'."""
+    renames = _RENAMES["llama" if model_type in LLAMA_FAMILY else model_type]
+    *modules, leaf = path
+    parts = [renames.get(m, m) + (".{i}" if m == "layers" else "") for m in modules if renames.get(m, m)]
+    parts.append(_LEAVES.get(leaf, leaf + ".weight"))
+    return ".".join(parts)
+
+
+def _kernel_layout(path, shape):
+    """For a Dense kernel (*in, *out) stored by torch as [prod(out), prod(in)]: (in_dims, out_dims)."""
+    if path[-1] == "kernel":
+        in_ndim = 2 if path[-2] == "o_proj" else 1
+        return shape[:in_ndim], shape[in_ndim:]
+    if path[-1] == "lm_head":
+        return shape[:1], shape[1:]
+    if path[-1] == "bias" and len(shape) > 1:  # per-head bias [heads, head_dim], flat in HF
+        return (), shape
+    return None
+
+
+def _to_ours(hf_array: np.ndarray, layout) -> np.ndarray:
+    """HF layout -> ours, as a view (no copy), so slicing it reads only the slice."""
+    if layout is None:
+        return hf_array
+    in_dims, out_dims = layout
+    if not in_dims:
+        return hf_array.reshape(out_dims)
+    w = hf_array.reshape(*out_dims, *in_dims)
+    n_out = len(out_dims)
+    return w.transpose(*range(n_out, n_out + len(in_dims)), *range(n_out))
+
+
+def _to_hf(array: np.ndarray, layout) -> np.ndarray:
+    if layout is None:
+        return array
+    in_dims, out_dims = layout
+    if not in_dims:
+        return array.reshape(-1)
+    n_in = len(in_dims)
+    w = array.transpose(*range(n_in, n_in + len(out_dims)), *range(n_in))
+    return w.reshape(int(np.prod(out_dims)), int(np.prod(in_dims)))
+
+
+def _hf_shape(our_shape, layout):
+    if layout is None:
+        return tuple(our_shape)
+    in_dims, out_dims = layout
+    if not in_dims:
+        return (int(np.prod(out_dims)),)
+    return (int(np.prod(out_dims)), int(np.prod(in_dims)))
+
+
+def read_hf_config(path: str) -> dict:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: model directory does not exist")
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path}: missing (not a Hugging Face model directory)")
+    with open(config_path) as f:
+        return json.load(f)
+
+
+def load_pretrained(path: str, mesh: Mesh | None = None, rules: Rules = TRAINING_RULES, dtype: str = "float32",
+                    param_dtype: str = "float32", remat: str = "none", model_cls=CausalLM) -> CausalLM:
+    """Loads a Hugging Face causal LM directory into `model_cls`, sharded over `mesh` by `rules`
+    (on one device without a mesh). Raises a one-line error naming a missing file, an unsupported
+    model_type, or a missing or mis-shaped tensor, before any tensor is placed."""
+    config = DecoderConfig.from_hf(read_hf_config(path), dtype=dtype, param_dtype=param_dtype, remat=remat)
+    refs = index_checkpoint(path)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_cls(config, nnx.Rngs(0))))
+    shardings = state_shardings(abstract, rules, mesh) if mesh is not None else None
+    flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+    plan = [(p, v) for p, v in nnx.to_flat_state(abstract) if not isinstance(v, LoraParam)]
+    _check_tensors(plan, refs, config, path)
+
+    loaded = []
+    for param_path, variable in plan:
+        if param_path in flat_shardings:
+            sharding = flat_shardings[param_path].get_value()
+        else:
+            sharding = SingleDeviceSharding(jax.local_devices()[0])
+        array = _place(param_path, variable.get_value(), refs, config, sharding)
+        loaded.append((param_path, variable.replace(value=array)))
+    return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+
+
+def _check_tensors(plan, refs, config: DecoderConfig, path: str):
+    for param_path, variable in plan:
+        shape = variable.get_value().shape
+        stacked = param_path[:2] == ("decoder", "layers")
+        name = hf_tensor_name(param_path, config.model_type)
+        expected = _hf_shape(shape[1:] if stacked else shape, _kernel_layout(param_path, shape[1:] if stacked else shape))
+        for layer in range(config.num_layers) if stacked else [None]:
+            tensor = name.format(i=layer)
+            if tensor not in refs:
+                raise ValueError(f"{path}: missing tensor {tensor}")
+            if refs[tensor].shape != expected:
+                raise ValueError(f"{path}: tensor {tensor} has shape {refs[tensor].shape}, expected {expected}")
+
+
+def _place(param_path, abstract, refs, config: DecoderConfig, sharding):
+    """One parameter as a global jax.Array; each device's callback reads only its own slice."""
+    stacked = param_path[:2] == ("decoder", "layers")
+    name = hf_tensor_name(param_path, config.model_type)
+    layer_shape = abstract.shape[1:] if stacked else abstract.shape
+    layout = _kernel_layout(param_path, layer_shape)
+
+    def read_slice(index):
+        if not stacked:
+            return np.asarray(_to_ours(refs[name].array(), layout)[index], dtype=abstract.dtype)
+        layers = range(config.num_layers)[index[0]]
+        return np.stack([np.asarray(_to_ours(refs[name.format(i=i)].array(), layout)[index[1:]], dtype=abstract.dtype)
+                         for i in layers])
+
+    return jax.make_array_from_callback(abstract.shape, sharding, read_slice)
+
+
+def _host_array(array) -> np.ndarray:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(jax.device_get(array))
+
+
+def merged_kernel(module, param_path) -> np.ndarray:
+    """A Dense kernel with its LoRA adapter (if any) folded in: W + scale * A.B."""
+    dense = module
+    for name in param_path[:-1]:
+        dense = getattr(dense, name)
+    kernel = _host_array(dense.kernel[...]).astype(np.float32)
+    if param_path[-1] == "kernel" and getattr(dense, "lora_a", None) is not None:
+        a = _host_array(dense.lora_a[...]).astype(np.float32)
+        b = _host_array(dense.lora_b[...]).astype(np.float32)
+        stacked = a.ndim > dense.in_ndim + 1
+        if stacked:
+            kernel = kernel + dense.lora_scale * np.stack([np.tensordot(a[l], b[l], axes=1) for l in range(a.shape[0])])
+        else:
+            kernel = kernel + dense.lora_scale * np.tensordot(a, b, axes=1)
+    return kernel
+
+
+def save_pretrained(model: CausalLM, path: str, dtype: str | None = None, extra_config: dict | None = None):
+    """Writes model.safetensors + config.json that transformers' from_pretrained loads.
+    LoRA adapters are merged into their kernels; `dtype` (default: the parameter dtype) sets
+    the stored precision. Only process 0 writes; every process must call it (gathers)."""
+    config: DecoderConfig = model.config
+    out_dtype = np.dtype(dtype or config.param_dtype)
+    state = nnx.state(model, nnx.Param)
+    tensors = []
+    for param_path, variable in nnx.to_flat_state(state):
+        if isinstance(variable, LoraParam):
+            continue
+        value = merged_kernel(model, param_path) if param_path[-1] == "kernel" else _host_array(variable.get_value())
+        stacked = param_path[:2] == ("decoder", "layers")
+        name = hf_tensor_name(param_path, config.model_type)
+        layout = _kernel_layout(param_path, value.shape[1:] if stacked else value.shape)
+        if stacked:
+            for i in range(config.num_layers):
+                hf = _to_hf(value[i], layout)
+                tensors.append((name.format(i=i), hf.shape, out_dtype, lambda hf=hf: hf))
+        else:
+            hf = _to_hf(value, layout)
+            tensors.append((name, hf.shape, out_dtype, lambda hf=hf: hf))
+    if jax.process_index() != 0:
+        return
+    os.makedirs(path, exist_ok=True)
+    write_safetensors(os.path.join(path, "model.safetensors"), sorted(tensors, key=lambda t: t[0]))
+    hf_config = config.hf_dict()
+    hf_config.update(architectures=[_ARCHITECTURES[config.model_type]], dtype=str(out_dtype),
+                     tie_word_embeddings=config.tie_word_embeddings, **(extra_config or {}))
+    hf_config.pop("torch_dtype", None)
+    tmp = os.path.join(path, "config.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(hf_config, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(path, "config.json"))
+
+
+def load_tokenizer(path: str):
+    """The tokenizer saved beside the model, through transformers.AutoTokenizer."""
+    import transformers
+
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any(os.path.exists(os.path.join(path, name)) for name in names):
+        raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
+    return transformers.AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,200 @@
+"""Decoder building blocks as Flax NNX modules.
+
+Every parameter carries logical axis names (`axes` metadata), which the sharding rules in
+`jaxrlhf.parallel` map to mesh axes. Block parameters are created stacked on a leading
+"layers" axis so that the decoder runs its blocks with one `lax.scan` (compile time does not
+grow with depth); a block module therefore only computes on one layer's slice, merged in by
+the scan.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrlhf.models.config import DecoderConfig
+
+NEG_INF = -1e30  # large finite negative: masked logits stay NaN-free in any precision
+
+
+class LoraParam(nnx.Param):
+    """A low-rank adapter weight: trained when LoRA is on, merged into the kernel on export."""
+
+
+def make_param(rngs: nnx.Rngs | None, shape, axes, init: str, dtype, stack: int | None = None):
+    """A parameter of `shape` with logical `axes`; with `stack`, a leading "layers" axis is added."""
+    if stack is not None:
+        shape, axes = (stack, *shape), ("layers", *axes)
+    if init == "zeros" or rngs is None:
+        value = jnp.zeros(shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:  # "normal": the 0.02 std init HF uses for these families
+        value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, axes=axes)
+
+
+class Dense(nnx.Module):
+    """y = x . kernel (+ bias), contracting x's trailing `in_shape` dims; optional LoRA adapter."""
+
+    def __init__(self, in_shape, out_shape, in_axes, out_axes, *, bias: bool, config: DecoderConfig,
+                 rngs: nnx.Rngs, stack: int | None = None):
+        dtype = config.weight_dtype
+        self.in_ndim = len(in_shape)
+        self.kernel = make_param(rngs, (*in_shape, *out_shape), (*in_axes, *out_axes), "normal", dtype, stack)
+        self.bias = make_param(rngs, out_shape, out_axes, "zeros", dtype, stack) if bias else None
+        self.out_shape, self.out_axes, self.stack = tuple(out_shape), tuple(out_axes), stack
+        self.in_shape, self.in_axes = tuple(in_shape), tuple(in_axes)
+        self.compute_dtype = config.compute_dtype
+        self.lora_a, self.lora_b = nnx.data(None), nnx.data(None)  # filled by add_lora
+        self.lora_scale = 0.0
+
+    def add_lora(self, rank: int, alpha: float, rngs: nnx.Rngs):
+        """Adds a rank-`rank` adapter B.A initialised so that the layer's output is unchanged."""
+        dtype = self.kernel[...].dtype
+        stack = (self.stack,) if self.stack is not None else ()
+        lead = ("layers",) if self.stack is not None else ()
+        a_shape = (*stack, *self.in_shape, rank)
+        fan_in = math.prod(self.in_shape)
+        a = jax.random.normal(rngs.params(), a_shape, jnp.float32) / math.sqrt(fan_in)
+        self.lora_a = LoraParam(a.astype(dtype), axes=(*lead, *self.in_axes, "lora_rank"))
+        self.lora_b = LoraParam(jnp.zeros((*stack, rank, *self.out_shape), dtype), axes=(*lead, "lora_rank", *self.out_axes))
+        self.lora_scale = alpha / rank
+
+    def __call__(self, x):
+        x = x.astype(self.compute_dtype)
+        kernel = self.kernel[...].astype(self.compute_dtype)
+        y = jnp.tensordot(x, kernel, axes=self.in_ndim)
+        if self.lora_a is not None:
+            down = jnp.tensordot(x, self.lora_a[...].astype(self.compute_dtype), axes=self.in_ndim)
+            y = y + self.lora_scale * jnp.tensordot(down, self.lora_b[...].astype(self.compute_dtype), axes=1)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.compute_dtype)
+        return y
+
+
+class Norm(nnx.Module):
+    """RMSNorm (LLaMA family) or LayerNorm (OPT), computed in float32."""
+
+    def __init__(self, dim: int, config: DecoderConfig, rngs: nnx.Rngs | None, stack: int | None = None):
+        self.kind, self.eps, self.compute_dtype = config.norm, config.norm_eps, config.compute_dtype
+        self.scale = make_param(rngs, (dim,), ("norm",), "ones", config.weight_dtype, stack)
+        self.bias = make_param(rngs, (dim,), ("norm",), "zeros", config.weight_dtype, stack) if config.norm == "layer" else None
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        if self.kind == "layer":
+            x32 = x32 - x32.mean(-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        y = y * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.compute_dtype)
+
+
+def rope_inverse_frequencies(config: DecoderConfig) -> jnp.ndarray:
+    """Per-pair rotation frequencies [head_dim // 2], with HF's linear and llama3 scalings."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    params = config.rope_parameters()
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "linear":
+        return inv_freq / params["factor"]
+    if rope_type == "llama3":
+        factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+        old_len = params["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return jnp.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotates the two halves of each head (HF's rotate_half convention). x: [batch, seq, heads, dim]."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, seq, dim/2]
+    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def attention(q, k, v, mask):
+    """Softmax attention; q [b, t, heads, d], k/v [b, s, kv_heads, d], mask [b, 1, t, s] (True = attend).
+
+    One function for training, prefill and decode: `jax.nn.dot_product_attention` picks cuDNN's
+    fused kernel on GPU where it applies and XLA elsewhere, and handles grouped-query heads.
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: DecoderConfig, rngs: nnx.Rngs, stack: int | None = None):
+        e, n, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        dense = lambda i, o, ia, oa, bias: Dense(i, o, ia, oa, bias=bias, config=config, rngs=rngs, stack=stack)
+        self.q_proj = dense((e,), (n, d), ("embed",), ("heads", "head_dim"), config.qkv_bias)
+        self.k_proj = dense((e,), (kv, d), ("embed",), ("kv_heads", "head_dim"), config.qkv_bias)
+        self.v_proj = dense((e,), (kv, d), ("embed",), ("kv_heads", "head_dim"), config.qkv_bias)
+        self.o_proj = dense((n, d), (e,), ("heads", "head_dim"), ("embed",), config.out_bias)
+        self.use_rope = config.positions == "rope"
+
+    def __call__(self, x, positions, mask, inv_freq, kv_cache=None, write_index=None):
+        """x [b, t, e]. With `kv_cache` ([b, s, kv, d] pair), the new keys/values are written at
+        `write_index` and the queries attend over the whole cache (prefill and decode)."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [b, t, heads, d]
+        if self.use_rope:
+            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if kv_cache is not None:
+            cache_k, cache_v = kv_cache
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, write_index, 0, 0))
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, write_index, 0, 0))
+            k, v, kv_cache = cache_k, cache_v, (cache_k, cache_v)
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        return self.o_proj(out), kv_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU (gate_proj, up_proj, down_proj) or OPT's fc1 -> activation -> fc2."""
+
+    def __init__(self, config: DecoderConfig, rngs: nnx.Rngs, stack: int | None = None):
+        e, m, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        dense = lambda i, o, ia, oa: Dense((i,), (o,), (ia,), (oa,), bias=bias, config=config, rngs=rngs, stack=stack)
+        self.gate_proj = dense(e, m, "embed", "mlp") if config.gated_mlp else None
+        self.up_proj = dense(e, m, "embed", "mlp")
+        self.down_proj = dense(m, e, "mlp", "embed")
+        self.activation = getattr(jax.nn, config.activation)
+
+    def __call__(self, x):
+        hidden = self.activation(self.up_proj(x)) if self.gate_proj is None else (
+            self.activation(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(hidden)
+
+
+class DecoderLayer(nnx.Module):
+    """Attention then MLP, each wrapped in a residual, with the norm before (default) or after."""
+
+    def __init__(self, config: DecoderConfig, rngs: nnx.Rngs, stack: int | None = None):
+        self.attn_norm = Norm(config.hidden_size, config, rngs, stack)
+        self.attn = Attention(config, rngs, stack)
+        self.mlp_norm = Norm(config.hidden_size, config, rngs, stack)
+        self.mlp = MLP(config, rngs, stack)
+        self.norm_before = config.norm_before_block
+
+    def __call__(self, x, positions, mask, inv_freq, kv_cache=None, write_index=None):
+        h = self.attn_norm(x) if self.norm_before else x
+        h, kv_cache = self.attn(h, positions, mask, inv_freq, kv_cache, write_index)
+        x = x + h
+        if not self.norm_before:
+            x = self.attn_norm(x)
+        h = self.mlp(self.mlp_norm(x) if self.norm_before else x)
+        x = x + h
+        if not self.norm_before:
+            x = self.mlp_norm(x)
+        return x, kv_cache

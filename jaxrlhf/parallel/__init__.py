@@ -1,0 +1,18 @@
+"""Device mesh, sharding rules (training = FSDP, generation = tensor parallel), resharding."""
+
+from jaxrlhf.parallel.mesh import MESH_AXES, make_mesh, maybe_initialize_distributed
+from jaxrlhf.parallel.rules import (
+    GENERATION_RULES,
+    TRAINING_RULES,
+    batch_sharding,
+    logical_to_spec,
+    param_specs,
+    reshard,
+    shard_model,
+    state_shardings,
+)
+
+__all__ = [
+    "MESH_AXES", "make_mesh", "maybe_initialize_distributed", "GENERATION_RULES", "TRAINING_RULES",
+    "batch_sharding", "logical_to_spec", "param_specs", "reshard", "shard_model", "state_shardings",
+]

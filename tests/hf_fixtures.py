@@ -1,0 +1,91 @@
+"""Tiny random Hugging Face checkpoints of every supported family, built with transformers' own
+config classes and saved with `save_pretrained`, plus a tiny trained tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+VOCAB = 320
+
+
+def tiny_hf_configs():
+    import transformers
+
+    llama3_rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 16, "rope_theta": 500000.0}
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=8, max_position_embeddings=128)
+    return {
+        "llama_gqa_llama3": transformers.LlamaConfig(**common, num_key_value_heads=2, rope_parameters=llama3_rope),
+        "llama_linear_bias_headdim": transformers.LlamaConfig(
+            **common, num_key_value_heads=4, head_dim=16, attention_bias=True, mlp_bias=True,
+            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+        "qwen2_bias_tied": transformers.Qwen2Config(**common, num_key_value_heads=4, tie_word_embeddings=True),
+        "mistral": transformers.MistralConfig(**common, num_key_value_heads=2, sliding_window=4096),
+        "opt": transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+                                      num_attention_heads=8, max_position_embeddings=128, pad_token_id=1),
+        "opt_proj_postln": transformers.OPTConfig(
+            vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=8,
+            max_position_embeddings=128, word_embed_proj_dim=32, do_layer_norm_before=False, pad_token_id=1),
+    }
+
+
+def save_tiny_model(name: str, directory: str, seed: int = 0) -> str:
+    """Random weights (std large enough that logits differ meaningfully), saved by transformers."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_hf_configs()[name]).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.1) if param.ndim > 1 else param.uniform_(0.5, 1.5)
+    path = os.path.join(directory, name)
+    model.save_pretrained(path)
+    return path
+
+
+def torch_logits(path: str, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """transformers' PyTorch logits, with position ids counted over real tokens as generation does."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    kwargs = {}
+    if model.config.model_type != "opt":  # OPT derives positions from the mask itself
+        kwargs["position_ids"] = torch.tensor(np.maximum(attention_mask.cumsum(-1) - 1, 0))
+    with torch.no_grad():
+        out = model(torch.tensor(input_ids), attention_mask=torch.tensor(attention_mask), **kwargs)
+    return out.logits.float().numpy()
+
+
+def padded_batch(lengths, seq_len: int, left: bool, seed: int = 0):
+    """Random ids with `lengths` real tokens per row, padded on the left or the right."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(3, VOCAB, (len(lengths), seq_len)).astype(np.int32)
+    mask = np.zeros((len(lengths), seq_len), np.int32)
+    for row, n in enumerate(lengths):
+        if left:
+            mask[row, seq_len - n:] = 1
+        else:
+            mask[row, :n] = 1
+    ids = np.where(mask == 1, ids, 1)  # pad id 1
+    return ids, mask
+
+
+def train_tiny_tokenizer(directory: str) -> str:
+    """A byte-level BPE tokenizer trained on a few sentences, saved in Hugging Face format."""
+    import tokenizers
+    import transformers
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["Human: hello there. Assistant: hi, how can I help?"] * 20, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    fast.save_pretrained(directory)
+    return directory

@@ -1,0 +1,80 @@
+"""Our decoder against transformers' PyTorch implementation on the same random weights."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+
+from hf_fixtures import padded_batch, save_tiny_model, tiny_hf_configs, torch_logits, train_tiny_tokenizer
+from jaxrlhf.compile_counter import CompileCounter
+from jaxrlhf.models import load_pretrained, save_pretrained
+from jaxrlhf.models import load_tokenizer
+
+VARIANTS = list(tiny_hf_configs())
+LENGTHS = [12, 7, 3, 10]  # mixed lengths in one batch
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {name: save_tiny_model(name, str(root)) for name in VARIANTS}
+
+
+def relative_error(ours, reference, mask):
+    valid = mask.astype(bool)
+    return np.abs(ours - reference)[valid].max() / np.abs(reference[valid]).max()
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_logits_match_transformers_on_left_and_right_padding(model_dirs, name):
+    model = load_pretrained(model_dirs[name])
+    forward = jax.jit(lambda ids, mask: model(ids, mask))
+    for left in (False, True):
+        ids, mask = padded_batch(LENGTHS, 12, left=left)
+        reference = torch_logits(model_dirs[name], ids, mask)
+        ours = np.asarray(forward(jnp.asarray(ids), jnp.asarray(mask)))
+        assert ours.shape == reference.shape
+        assert relative_error(ours, reference, mask) < 1e-4, (name, "left" if left else "right")
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_llama3", "qwen2_bias_tied", "opt_proj_postln"])
+def test_save_pretrained_round_trips_through_transformers(model_dirs, name, tmp_path):
+    model = load_pretrained(model_dirs[name])
+    save_pretrained(model, str(tmp_path / "export"))
+    ids, mask = padded_batch(LENGTHS, 12, left=True)
+    original = torch_logits(model_dirs[name], ids, mask)
+    exported = torch_logits(str(tmp_path / "export"), ids, mask)
+    np.testing.assert_allclose(exported, original, rtol=0, atol=1e-6)
+    assert json.load(open(tmp_path / "export" / "config.json"))["model_type"] == tiny_hf_configs()[name].model_type
+
+
+def test_bfloat16_compute_stays_close(model_dirs):
+    ids, mask = padded_batch(LENGTHS, 12, left=True)
+    full = np.asarray(load_pretrained(model_dirs["llama_gqa_llama3"])(jnp.asarray(ids), jnp.asarray(mask)))
+    half = load_pretrained(model_dirs["llama_gqa_llama3"], dtype="bfloat16", param_dtype="bfloat16")
+    out = np.asarray(half(jnp.asarray(ids), jnp.asarray(mask)))
+    assert out.dtype == np.float32  # logits are always float32
+    assert relative_error(out, full, mask) < 5e-2
+
+
+def test_forward_compiles_once_for_the_same_shapes(model_dirs):
+    model = load_pretrained(model_dirs["mistral"])
+    forward = jax.jit(lambda ids, mask: model(ids, mask))
+    ids, mask = padded_batch(LENGTHS, 12, left=True)
+    with CompileCounter() as counter:
+        forward(jnp.asarray(ids), jnp.asarray(mask)).block_until_ready()
+        forward(jnp.asarray(ids + 1), jnp.asarray(mask)).block_until_ready()
+    assert counter.count == 1
+
+
+def test_tokenizer_loads_from_the_model_directory(model_dirs, tmp_path):
+    path = train_tiny_tokenizer(str(tmp_path / "tok"))
+    tokenizer = load_tokenizer(path)
+    ids = tokenizer("Human: hello there.")["input_ids"]
+    assert tokenizer.decode(ids) == "Human: hello there."
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        load_tokenizer(model_dirs["opt"])
