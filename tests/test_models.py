@@ -78,3 +78,27 @@ def test_tokenizer_loads_from_the_model_directory(model_dirs, tmp_path):
     assert tokenizer.decode(ids) == "Human: hello there."
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         load_tokenizer(model_dirs["opt"])
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_llama3", "opt_proj_postln"])
+def test_value_model_exports_as_sequence_classification(model_dirs, name, tmp_path):
+    """A value model starts from a causal LM (head at zero), and its export loads in transformers
+    as XForSequenceClassification whose score equals our value at the last real token."""
+    import torch
+
+    from jaxrlhf.models import ValueModel
+
+    model = load_pretrained(model_dirs[name], model_cls=ValueModel)
+    ids, mask = padded_batch(LENGTHS, 12, left=False)
+    assert np.all(np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))) == 0)
+    head = model.value_head.kernel
+    head.set_value(jax.random.normal(jax.random.key(0), head.get_value().shape))
+    values = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    save_pretrained(model, str(tmp_path / "rm"), extra_config={"pad_token_id": 1})
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm")).eval()
+    with torch.no_grad():
+        scores = hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits[:, 0].numpy()
+    last = mask.sum(1) - 1
+    np.testing.assert_allclose(scores, values[np.arange(len(ids)), last], rtol=1e-4, atol=1e-5)
+    reloaded = load_pretrained(str(tmp_path / "rm"), model_cls=ValueModel)
+    np.testing.assert_allclose(np.asarray(reloaded(jnp.asarray(ids), jnp.asarray(mask))), values, atol=1e-5)

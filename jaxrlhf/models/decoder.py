@@ -66,7 +66,7 @@ class Decoder(nnx.Module):
         self.final_norm = Norm(config.hidden_size, config, rngs) if config.final_norm else None
 
     def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
-                 write_index=None, key_valid=None):
+                 write_index=None, key_valid=None, attention_fn=None):
         """Hidden states [batch, seq, embed_dim] (and the updated cache when one is given).
 
         Without a cache, keys are the input tokens themselves. With a cache, the tokens are
@@ -93,7 +93,7 @@ class Decoder(nnx.Module):
             query_slots = write_index + jnp.arange(seq)
             key_slots = jnp.arange(cache.k.shape[2])
             mask = attention_mask_4d(key_valid.astype(bool), query_slots, key_slots, config.sliding_window)
-        x, cache = self._run_layers(x, positions, mask, cache, write_index)
+        x, cache = self._run_layers(x, positions, mask, cache, write_index, attention_fn)
 
         if self.final_norm is not None:
             x = self.final_norm(x)
@@ -101,14 +101,14 @@ class Decoder(nnx.Module):
             x = self.project_out(x)
         return x, cache
 
-    def _run_layers(self, x, positions, mask, cache, write_index):
+    def _run_layers(self, x, positions, mask, cache, write_index, attention_fn):
         """All blocks with one lax.scan over the stacked layer weights (and the cache, if any)."""
         graphdef, layer_state = nnx.split(self.layers)
         inv_freq = rope_inverse_frequencies(self.config)
 
         def block(x, layer_state, kv):
             layer = nnx.merge(graphdef, layer_state)
-            return layer(x, positions, mask, inv_freq, kv, write_index)
+            return layer(x, positions, mask, inv_freq, kv, write_index, attention_fn)
 
         if self.config.remat == "block":
             block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
@@ -150,3 +150,21 @@ class CausalLM(nnx.Module):
     def __call__(self, input_ids, attention_mask=None, positions=None):
         hidden, _ = self.decoder(input_ids, attention_mask, positions)
         return self.logits(hidden)
+
+
+class ValueModel(nnx.Module):
+    """Decoder plus a scalar head per token: the reward model and the PPO critic.
+
+    Exported as `<Family>ForSequenceClassification` with one label (the head is HF's `score`),
+    whose output is the value at the last non-pad token, as our `sequence_scores` takes it.
+    """
+
+    def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
+        self.config = config
+        self.decoder = Decoder(config, rngs)
+        self.value_head = Dense((config.embed_dim,), (1,), ("embed",), (None,), bias=False, config=config, rngs=rngs)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None):
+        """float32 values [batch, seq]."""
+        hidden, _ = self.decoder(input_ids, attention_mask, positions)
+        return self.value_head(hidden)[..., 0].astype(jnp.float32)

@@ -17,22 +17,23 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from jaxrlhf.models.config import LLAMA_FAMILY, DecoderConfig
-from jaxrlhf.models.decoder import CausalLM
+from jaxrlhf.models.decoder import CausalLM, ValueModel
 from jaxrlhf.models.layers import LoraParam
 from jaxrlhf.models.safetensors_io import index_checkpoint, write_safetensors
 from jaxrlhf.parallel.rules import TRAINING_RULES, Rules, state_shardings
 
 # Our module names -> the family's names in HF state dicts.
 _RENAMES = {
-    "llama": {"decoder": "model", "attn": "self_attn", "final_norm": "norm", "attn_norm": "input_layernorm",
+    "llama": {"decoder": "model", "value_head": "score", "attn": "self_attn", "final_norm": "norm", "attn_norm": "input_layernorm",
               "mlp_norm": "post_attention_layernorm"},
-    "opt": {"decoder": "model.decoder", "attn": "self_attn", "mlp": None, "o_proj": "out_proj", "up_proj": "fc1",
+    "opt": {"decoder": "model.decoder", "value_head": "score", "attn": "self_attn", "mlp": None, "o_proj": "out_proj", "up_proj": "fc1",
             "down_proj": "fc2", "final_norm": "final_layer_norm", "attn_norm": "self_attn_layer_norm",
             "mlp_norm": "final_layer_norm"},
 }
 _LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "opt": "OPTForCausalLM"}
+_FAMILY_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "opt": "OPT"}
+# Parameters a checkpoint may lack, e.g. the value head of a critic started from a causal LM.
+_OPTIONAL = {("value_head", "kernel")}
 
 
 def hf_tensor_name(path: tuple[str, ...], model_type: str) -> str:
@@ -99,10 +100,11 @@ def read_hf_config(path: str) -> dict:
 
 
 def load_pretrained(path: str, mesh: Mesh | None = None, rules: Rules = TRAINING_RULES, dtype: str = "float32",
-                    param_dtype: str = "float32", remat: str = "none", model_cls=CausalLM) -> CausalLM:
-    """Loads a Hugging Face causal LM directory into `model_cls`, sharded over `mesh` by `rules`
-    (on one device without a mesh). Raises a one-line error naming a missing file, an unsupported
-    model_type, or a missing or mis-shaped tensor, before any tensor is placed."""
+                    param_dtype: str = "float32", remat: str = "none", model_cls=CausalLM):
+    """Loads a Hugging Face directory into `model_cls` (CausalLM, or ValueModel for a reward model
+    or critic), sharded over `mesh` by `rules` (on one device without a mesh). Raises a one-line
+    error naming a missing file, an unsupported model_type, or a missing or mis-shaped tensor,
+    before any tensor is placed. A value head the checkpoint lacks starts at zero."""
     config = DecoderConfig.from_hf(read_hf_config(path), dtype=dtype, param_dtype=param_dtype, remat=remat)
     refs = index_checkpoint(path)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_cls(config, nnx.Rngs(0))))
@@ -117,7 +119,11 @@ def load_pretrained(path: str, mesh: Mesh | None = None, rules: Rules = TRAINING
             sharding = flat_shardings[param_path].get_value()
         else:
             sharding = SingleDeviceSharding(jax.local_devices()[0])
-        array = _place(param_path, variable.get_value(), refs, config, sharding)
+        abstract_value = variable.get_value()
+        if param_path in _OPTIONAL and hf_tensor_name(param_path, config.model_type) not in refs:
+            array = jax.device_put(np.zeros(abstract_value.shape, abstract_value.dtype), sharding)
+        else:
+            array = _place(param_path, abstract_value, refs, config, sharding)
         loaded.append((param_path, variable.replace(value=array)))
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
@@ -127,6 +133,8 @@ def _check_tensors(plan, refs, config: DecoderConfig, path: str):
         shape = variable.get_value().shape
         stacked = param_path[:2] == ("decoder", "layers")
         name = hf_tensor_name(param_path, config.model_type)
+        if param_path in _OPTIONAL and name not in refs:
+            continue
         expected = _hf_shape(shape[1:] if stacked else shape, _kernel_layout(param_path, shape[1:] if stacked else shape))
         for layer in range(config.num_layers) if stacked else [None]:
             tensor = name.format(i=layer)
@@ -160,25 +168,15 @@ def _host_array(array) -> np.ndarray:
     return np.asarray(jax.device_get(array))
 
 
-def merged_kernel(module, param_path) -> np.ndarray:
-    """A Dense kernel with its LoRA adapter (if any) folded in: W + scale * A.B."""
-    dense = module
-    for name in param_path[:-1]:
-        dense = getattr(dense, name)
-    kernel = _host_array(dense.kernel[...]).astype(np.float32)
-    if param_path[-1] == "kernel" and getattr(dense, "lora_a", None) is not None:
-        a = _host_array(dense.lora_a[...]).astype(np.float32)
-        b = _host_array(dense.lora_b[...]).astype(np.float32)
-        stacked = a.ndim > dense.in_ndim + 1
-        if stacked:
-            kernel = kernel + dense.lora_scale * np.stack([np.tensordot(a[l], b[l], axes=1) for l in range(a.shape[0])])
-        else:
-            kernel = kernel + dense.lora_scale * np.tensordot(a, b, axes=1)
-    return kernel
+def _module_at(model, module_path):
+    for name in module_path:
+        model = getattr(model, name)
+    return model
 
 
-def save_pretrained(model: CausalLM, path: str, dtype: str | None = None, extra_config: dict | None = None):
-    """Writes model.safetensors + config.json that transformers' from_pretrained loads.
+def save_pretrained(model, path: str, dtype: str | None = None, extra_config: dict | None = None):
+    """Writes model.safetensors + config.json that transformers' from_pretrained loads
+    (AutoModelForCausalLM for a CausalLM, AutoModelForSequenceClassification for a ValueModel).
     LoRA adapters are merged into their kernels; `dtype` (default: the parameter dtype) sets
     the stored precision. Only process 0 writes; every process must call it (gathers)."""
     config: DecoderConfig = model.config
@@ -188,7 +186,10 @@ def save_pretrained(model: CausalLM, path: str, dtype: str | None = None, extra_
     for param_path, variable in nnx.to_flat_state(state):
         if isinstance(variable, LoraParam):
             continue
-        value = merged_kernel(model, param_path) if param_path[-1] == "kernel" else _host_array(variable.get_value())
+        if param_path[-1] == "kernel":  # LoRA adapters, if any, folded in
+            value = _host_array(_module_at(model, param_path[:-1]).merged_kernel())
+        else:
+            value = _host_array(variable.get_value())
         stacked = param_path[:2] == ("decoder", "layers")
         name = hf_tensor_name(param_path, config.model_type)
         layout = _kernel_layout(param_path, value.shape[1:] if stacked else value.shape)
@@ -204,8 +205,13 @@ def save_pretrained(model: CausalLM, path: str, dtype: str | None = None, extra_
     os.makedirs(path, exist_ok=True)
     write_safetensors(os.path.join(path, "model.safetensors"), sorted(tensors, key=lambda t: t[0]))
     hf_config = config.hf_dict()
-    hf_config.update(architectures=[_ARCHITECTURES[config.model_type]], dtype=str(out_dtype),
-                     tie_word_embeddings=config.tie_word_embeddings, **(extra_config or {}))
+    family = _FAMILY_NAMES[config.model_type]
+    if isinstance(model, ValueModel):
+        hf_config.update(architectures=[f"{family}ForSequenceClassification"], id2label={"0": "LABEL_0"},
+                         label2id={"LABEL_0": 0})
+    else:
+        hf_config.update(architectures=[f"{family}ForCausalLM"])
+    hf_config.update(dtype=str(out_dtype), tie_word_embeddings=config.tie_word_embeddings, **(extra_config or {}))
     hf_config.pop("torch_dtype", None)
     tmp = os.path.join(path, "config.json.tmp")
     with open(tmp, "w") as f:

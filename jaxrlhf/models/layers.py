@@ -64,6 +64,17 @@ class Dense(nnx.Module):
         self.lora_b = LoraParam(jnp.zeros((*stack, rank, *self.out_shape), dtype), axes=(*lead, "lora_rank", *self.out_axes))
         self.lora_scale = alpha / rank
 
+    def merged_kernel(self):
+        """The kernel with the adapter folded in, W + scale * A.B, in the kernel's dtype."""
+        kernel = self.kernel[...]
+        if self.lora_a is None:
+            return kernel
+        product = lambda a, b: jnp.tensordot(a, b, axes=1)
+        if self.stack is not None:
+            product = jax.vmap(product)
+        delta = product(self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32))
+        return (kernel.astype(jnp.float32) + self.lora_scale * delta).astype(kernel.dtype)
+
     def __call__(self, x):
         x = x.astype(self.compute_dtype)
         kernel = self.kernel[...].astype(self.compute_dtype)
@@ -145,9 +156,10 @@ class Attention(nnx.Module):
         self.o_proj = dense((n, d), (e,), ("heads", "head_dim"), ("embed",), config.out_bias)
         self.use_rope = config.positions == "rope"
 
-    def __call__(self, x, positions, mask, inv_freq, kv_cache=None, write_index=None):
+    def __call__(self, x, positions, mask, inv_freq, kv_cache=None, write_index=None, attention_fn=None):
         """x [b, t, e]. With `kv_cache` ([b, s, kv, d] pair), the new keys/values are written at
-        `write_index` and the queries attend over the whole cache (prefill and decode)."""
+        `write_index` and the queries attend over the whole cache (prefill and decode).
+        `attention_fn(q, k, v, mask)` replaces `attention`, e.g. by a decode kernel."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [b, t, heads, d]
         if self.use_rope:
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
@@ -156,7 +168,7 @@ class Attention(nnx.Module):
             cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, write_index, 0, 0))
             cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, write_index, 0, 0))
             k, v, kv_cache = cache_k, cache_v, (cache_k, cache_v)
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        out = (attention_fn or attention)(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         return self.o_proj(out), kv_cache
 
 
@@ -187,9 +199,9 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, rngs, stack)
         self.norm_before = config.norm_before_block
 
-    def __call__(self, x, positions, mask, inv_freq, kv_cache=None, write_index=None):
+    def __call__(self, x, positions, mask, inv_freq, kv_cache=None, write_index=None, attention_fn=None):
         h = self.attn_norm(x) if self.norm_before else x
-        h, kv_cache = self.attn(h, positions, mask, inv_freq, kv_cache, write_index)
+        h, kv_cache = self.attn(h, positions, mask, inv_freq, kv_cache, write_index, attention_fn)
         x = x + h
         if not self.norm_before:
             x = self.attn_norm(x)

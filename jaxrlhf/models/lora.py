@@ -1,0 +1,42 @@
+"""LoRA: low-rank adapters on chosen projections, trained alone, merged for generation and export."""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from jaxrlhf.models.layers import Dense, LoraParam
+
+# OPT names its projections differently; targets may use either family's names.
+_TARGET_ALIASES = {"out_proj": "o_proj", "fc1": "up_proj", "fc2": "down_proj"}
+
+
+def apply_lora(model: nnx.Module, rank: int, alpha: float, target_modules, seed: int = 0) -> int:
+    """Adds adapters to every Dense whose attribute name is in `target_modules`; returns how many."""
+    targets = {_TARGET_ALIASES.get(name, name) for name in target_modules}
+    rngs = nnx.Rngs(seed)
+    count = 0
+    for path, module in nnx.iter_graph(model):
+        if isinstance(module, Dense) and path and path[-1] in targets:
+            module.add_lora(rank, alpha, rngs)
+            count += 1
+    if count == 0:
+        raise ValueError(f"lora.target_modules {sorted(target_modules)} matched no projection of the model")
+    return count
+
+
+def has_lora(model: nnx.Module) -> bool:
+    return any(isinstance(m, Dense) and m.lora_a is not None for _, m in nnx.iter_graph(model))
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+    """Folds each adapter into its kernel (W + scale * A.B) and removes it, in place; jit-able."""
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, Dense) and module.lora_a is not None:
+            module.kernel.set_value(module.merged_kernel())
+            module.lora_a, module.lora_b = None, None
+    return model
+
+
+def trainable_filter(lora_rank: int):
+    """What the optimizer updates: only the adapters with LoRA on, every parameter otherwise."""
+    return LoraParam if lora_rank > 0 else nnx.Param

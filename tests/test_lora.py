@@ -1,0 +1,42 @@
+"""LoRA adapters: output unchanged at start, only adapters trainable, merged on export."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hf_fixtures import padded_batch, save_tiny_model, torch_logits
+from jaxrlhf.models import load_pretrained, save_pretrained
+from jaxrlhf.models.layers import LoraParam
+from jaxrlhf.models.lora import apply_lora, has_lora, merge_lora
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model("opt", str(tmp_path_factory.mktemp("hf")))
+
+
+def test_lora_starts_as_identity_and_merges_exactly(model_dir, tmp_path):
+    ids, mask = padded_batch([12, 6, 9], 12, left=True)
+    model = load_pretrained(model_dir)
+    before = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    assert apply_lora(model, rank=4, alpha=8.0, target_modules=["q_proj", "out_proj", "fc1"]) == 3
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))), before, atol=1e-6)
+
+    # move the adapters away from zero: the output changes, and merging reproduces it exactly
+    for path, variable in nnx.to_flat_state(nnx.state(model, LoraParam)):
+        variable.set_value(0.1 * jax.random.normal(jax.random.key(len(path)), variable.get_value().shape))
+    adapted = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    assert np.abs(adapted - before).max() > 1e-3
+    save_pretrained(model, str(tmp_path / "merged"))
+    np.testing.assert_allclose(torch_logits(str(tmp_path / "merged"), ids, mask)[mask == 1], adapted[mask == 1],
+                               rtol=1e-4, atol=1e-4)
+    merged = merge_lora(model)
+    assert not has_lora(merged)
+    np.testing.assert_allclose(np.asarray(merged(jnp.asarray(ids), jnp.asarray(mask))), adapted, atol=1e-5)
+
+
+def test_unknown_target_is_an_error(model_dir):
+    with pytest.raises(ValueError, match="matched no projection"):
+        apply_lora(load_pretrained(model_dir), rank=2, alpha=4.0, target_modules=["attention.query"])
