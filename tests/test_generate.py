@@ -1,0 +1,131 @@
+"""Generation against transformers' greedy `generate`, across tensor-parallel layouts, compiled once."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from hf_fixtures import padded_batch, save_tiny_model
+from jaxrlhf.compile_counter import CompileCounter
+from jaxrlhf.generation.generate import SamplingSettings, generate_from_state
+from jaxrlhf.generation.hybrid_engine import HybridEngine
+from jaxrlhf.models import load_pretrained
+from jaxrlhf.models.lora import apply_lora
+from jaxrlhf.parallel import TRAINING_RULES, make_mesh
+
+FAMILIES = ["llama_gqa_llama3", "qwen2_bias_tied", "mistral", "opt", "opt_proj_postln"]
+EOS, PAD, NEW = 7, 1, 10
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("hf"))
+    return {name: save_tiny_model(name, root) for name in FAMILIES}
+
+
+def prompts():
+    ids, mask = padded_batch([6, 3, 8, 1], 8, left=True, seed=3)
+    return ids, mask
+
+
+def hf_greedy(path, ids, mask):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+                             max_new_tokens=NEW, eos_token_id=EOS, pad_token_id=PAD)
+    out = out.numpy()
+    return np.pad(out, ((0, 0), (0, ids.shape[1] + NEW - out.shape[1])), constant_values=PAD)
+
+
+def greedy(path, ids, mask, **settings):
+    model = load_pretrained(path)
+    graphdef, state = nnx.split(model)
+    settings = SamplingSettings(eos_id=EOS, pad_id=PAD, max_new_tokens=NEW, greedy=True, **settings)
+    return generate_from_state(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), settings)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_greedy_equals_transformers_generate(model_dirs, name):
+    ids, mask = prompts()
+    out = greedy(model_dirs[name], ids, mask)
+    expected = hf_greedy(model_dirs[name], ids, mask)
+    np.testing.assert_array_equal(np.asarray(out.tokens), expected)
+    # the answer mask covers real answer tokens up to and including EOS, never pad after it
+    answer = np.asarray(out.tokens)[:, 8:]
+    answer_mask = np.asarray(out.attention_mask)[:, 8:]
+    for row, mask_row in zip(answer, answer_mask):
+        length = (list(row).index(EOS) + 1) if EOS in row else NEW
+        np.testing.assert_array_equal(mask_row, np.arange(NEW) < length)
+
+
+def test_logprobs_are_the_models_own(model_dirs):
+    ids, mask = prompts()
+    path = model_dirs["llama_gqa_llama3"]
+    out = greedy(path, ids, mask)
+    logits = load_pretrained(path)(out.tokens, out.attention_mask)
+    logprobs = jax.nn.log_softmax(logits[:, 7:-1], -1)
+    expected = jnp.take_along_axis(logprobs, out.tokens[:, 8:, None], -1)[..., 0] * out.attention_mask[:, 8:]
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(expected), atol=1e-4)
+
+
+@pytest.mark.parametrize("tensor_parallel", [2, 4])
+def test_hybrid_engine_tensor_parallel_gives_the_same_tokens(model_dirs, tensor_parallel):
+    ids, mask = prompts()
+    path = model_dirs["llama_gqa_llama3"]
+    expected = np.asarray(greedy(path, ids, mask).tokens)
+    mesh = make_mesh(fsdp=8)
+    model = load_pretrained(path, mesh=mesh, rules=TRAINING_RULES)
+    graphdef, state = nnx.split(model)
+    engine = HybridEngine(graphdef, state, mesh, tensor_parallel,
+                          SamplingSettings(eos_id=EOS, pad_id=PAD, max_new_tokens=NEW, greedy=True))
+    out, timings = engine.generate(state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(out.tokens), expected)
+    assert timings.reshard_s >= 0 and timings.generate_s > 0
+    q_kernel = engine.generation_state(state)["decoder"]["layers"]["attn"]["q_proj"]["kernel"].get_value()
+    assert q_kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
+
+
+def test_hybrid_engine_merges_lora(model_dirs):
+    ids, mask = prompts()
+    path = model_dirs["opt"]
+    mesh = make_mesh(fsdp=4, tensor=2)
+    model = load_pretrained(path, mesh=mesh, rules=TRAINING_RULES)
+    apply_lora(model, rank=2, alpha=4.0, target_modules=["q_proj", "fc1"])
+    graphdef, state = nnx.split(model)
+    engine = HybridEngine(graphdef, state, mesh, 2, SamplingSettings(eos_id=EOS, pad_id=PAD, max_new_tokens=NEW,
+                                                                      greedy=True))
+    out, _ = engine.generate(state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(out.tokens), hf_greedy(path, ids, mask))  # B = 0: same model
+
+
+def test_decode_loop_compiles_once_per_shape(model_dirs):
+    ids, mask = prompts()
+    path = model_dirs["qwen2_bias_tied"]
+    graphdef, state = nnx.split(load_pretrained(path))
+    settings = SamplingSettings(eos_id=EOS, pad_id=PAD, max_new_tokens=NEW, temperature=0.7, top_k=20)
+    generate_from_state(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), settings)
+    with CompileCounter() as counter:
+        for seed in (1, 2):
+            generate_from_state(graphdef, state, jnp.asarray((ids + seed) % 50), jnp.asarray(mask),
+                                jax.random.key(seed), settings).tokens.block_until_ready()
+    assert counter.count == 0
+
+
+def test_temperature_zero_is_greedy_and_min_new_tokens_holds(model_dirs):
+    ids, mask = prompts()
+    path = model_dirs["mistral"]
+    greedy_tokens = np.asarray(greedy(path, ids, mask).tokens)
+    cold = np.asarray(greedy(path, ids, mask, temperature=0.0).tokens)
+    np.testing.assert_array_equal(cold, greedy_tokens)
+    forced = np.asarray(greedy(path, ids, mask, min_new_tokens=NEW).tokens)[:, 8:]
+    assert not (forced == EOS).any()
+
+
+def test_pallas_decode_attention_gives_the_same_tokens(model_dirs):
+    ids, mask = prompts()
+    path = model_dirs["llama_gqa_llama3"]
+    reference = np.asarray(greedy(path, ids, mask).tokens)
+    np.testing.assert_array_equal(np.asarray(greedy(path, ids, mask, attention="pallas").tokens), reference)
