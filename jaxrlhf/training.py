@@ -1,0 +1,140 @@
+"""What every training step shares: the optimizer, the sharded train state, one jitted update.
+
+The model is split into a static graph, the trainable parameters (all of them, or only the LoRA
+adapters) and the frozen rest. The update is a pure function of that state and a batch:
+microbatches are scanned inside the jit (gradient accumulation), the optimizer state is created
+already sharded like the parameters (one compile), and the state is donated, so the update runs
+in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxrlhf.models.lora import trainable_filter
+
+LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, dict]]
+
+
+def learning_rate_schedule(optimizer_config, total_steps: int) -> optax.Schedule:
+    """Linear warm-up, then cosine or linear decay to min_lr_ratio * lr, or constant."""
+    peak = optimizer_config.learning_rate
+    warmup = min(optimizer_config.warmup_steps, max(total_steps - 1, 0))
+    floor = peak * optimizer_config.min_lr_ratio
+    decay_steps = max(total_steps - warmup, 1)
+    if optimizer_config.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=optimizer_config.min_lr_ratio)
+    elif optimizer_config.schedule == "linear":
+        decay = optax.linear_schedule(peak, floor, decay_steps)
+    else:
+        decay = optax.constant_schedule(peak)
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def make_optimizer(optimizer_config, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping (norm computed in float32)."""
+    return optax.chain(
+        optax.clip_by_global_norm(optimizer_config.max_grad_norm),
+        optax.adamw(learning_rate_schedule(optimizer_config, total_steps), b1=optimizer_config.b1,
+                     b2=optimizer_config.b2, eps=optimizer_config.eps, weight_decay=optimizer_config.weight_decay),
+    )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State  # what the optimizer updates (float32 master weights)
+    frozen: nnx.State  # everything else of the model (e.g. the base weights under LoRA)
+    opt_state: Any
+
+
+def split_for_training(model: nnx.Module, lora_rank: int):
+    """(graphdef, trainable params, frozen rest) of a model."""
+    graphdef, params, frozen = nnx.split(model, trainable_filter(lora_rank), ...)
+    return graphdef, params, frozen
+
+
+def init_train_state(params: nnx.State, frozen: nnx.State, optimizer: optax.GradientTransformation) -> TrainState:
+    """The optimizer state is created under jit from the sharded params, so it comes out sharded
+    like them and is never materialized whole; every leaf comes out committed to its devices, as
+    the train step's outputs will be, so the step compiles once. `params` and `frozen` are
+    donated (moved into the state, not copied)."""
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def init(params, frozen):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
+                          opt_state=optimizer.init(params))
+
+    return init(params, frozen)
+
+
+def split_microbatches(batch: dict, num_microbatches: int) -> dict:
+    """[batch, ...] -> [microbatches, batch / microbatches, ...] for each array."""
+
+    def split(x):
+        if x.shape[0] % num_microbatches:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into {num_microbatches} microbatches")
+        return x.reshape(num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:])
+
+    return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(loss_fn: LossFn, graphdef, params, frozen, batch: dict, num_microbatches: int):
+    """Mean loss, gradients and metrics over microbatches, scanned (constant memory in their number)."""
+
+    def loss_of(params, microbatch):
+        return loss_fn(nnx.merge(graphdef, params, frozen), microbatch)
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+    if num_microbatches == 1:
+        (loss, metrics), grads = grad_fn(params, batch)
+        return loss, grads, metrics
+
+    def body(grad_sum, microbatch):
+        (loss, metrics), grads = grad_fn(params, microbatch)
+        return jax.tree.map(jnp.add, grad_sum, grads), (loss, metrics)
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    grad_sum, (losses, metrics) = jax.lax.scan(body, zeros, split_microbatches(batch, num_microbatches))
+    grads = jax.tree.map(lambda g, p: (g / num_microbatches).astype(p.dtype), grad_sum, params)
+    return losses.mean(), grads, jax.tree.map(jnp.mean, metrics)
+
+
+def global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransformation, num_microbatches: int):
+    """A jitted `(state, batch) -> (state, metrics)`; the state is donated (updated in place)."""
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_step(state: TrainState, batch: dict):
+        loss, grads, metrics = accumulate_gradients(loss_fn, graphdef, state.params, state.frozen, batch,
+                                                    num_microbatches)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, loss=loss, grad_norm=global_norm(grads))
+        return dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef, loss_fn: LossFn):
+    """A jitted `(params, frozen, batch) -> metrics` with the loss under "loss"."""
+
+    @jax.jit
+    def eval_step(params, frozen, batch):
+        loss, metrics = loss_fn(nnx.merge(graphdef, params, frozen), batch)
+        return dict(metrics, loss=loss)
+
+    return eval_step
