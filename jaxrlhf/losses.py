@@ -16,8 +16,9 @@ def next_token_logprobs(logits, input_ids):
 
 def language_model_loss(model, batch):
     """Mean next-token negative log-likelihood over the tokens `loss_mask` marks (prompt tokens
-    excluded unless the data says otherwise); returns (loss, metrics)."""
-    logits = model(batch["input_ids"], batch["attention_mask"])
+    excluded unless the data says otherwise); packed rows carry positions and segment ids.
+    Returns (loss, metrics)."""
+    logits = model(batch["input_ids"], batch["attention_mask"], batch.get("positions"), batch.get("segment_ids"))
     logprobs = next_token_logprobs(logits, batch["input_ids"])
     mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
     tokens = mask.sum()

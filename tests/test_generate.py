@@ -79,12 +79,12 @@ def test_hybrid_engine_tensor_parallel_gives_the_same_tokens(model_dirs, tensor_
     mesh = make_mesh(fsdp=8)
     model = load_pretrained(path, mesh=mesh, rules=TRAINING_RULES)
     graphdef, state = nnx.split(model)
-    engine = HybridEngine(graphdef, state, mesh, tensor_parallel,
+    engine = HybridEngine(graphdef, (state,), mesh, tensor_parallel,
                           SamplingSettings(eos_id=EOS, pad_id=PAD, max_new_tokens=NEW, greedy=True))
-    out, timings = engine.generate(state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0))
+    out, timings = engine.generate((state,), jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(out.tokens), expected)
     assert timings.reshard_s >= 0 and timings.generate_s > 0
-    q_kernel = engine.generation_state(state)["decoder"]["layers"]["attn"]["q_proj"]["kernel"].get_value()
+    q_kernel = engine.generation_state((state,))["decoder"]["layers"]["attn"]["q_proj"]["kernel"].get_value()
     assert q_kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
 
 
@@ -95,9 +95,9 @@ def test_hybrid_engine_merges_lora(model_dirs):
     model = load_pretrained(path, mesh=mesh, rules=TRAINING_RULES)
     apply_lora(model, rank=2, alpha=4.0, target_modules=["q_proj", "fc1"])
     graphdef, state = nnx.split(model)
-    engine = HybridEngine(graphdef, state, mesh, 2, SamplingSettings(eos_id=EOS, pad_id=PAD, max_new_tokens=NEW,
+    engine = HybridEngine(graphdef, (state,), mesh, 2, SamplingSettings(eos_id=EOS, pad_id=PAD, max_new_tokens=NEW,
                                                                       greedy=True))
-    out, _ = engine.generate(state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0))
+    out, _ = engine.generate((state,), jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(out.tokens), hf_greedy(path, ids, mask))  # B = 0: same model
 
 

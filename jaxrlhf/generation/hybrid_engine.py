@@ -1,8 +1,9 @@
 """The hybrid engine: the actor trains in the FSDP layout and generates in a tensor-parallel one.
 
-Per call: fold LoRA adapters into the kernels (if any), move every weight straight from its FSDP
-shards to its tensor-parallel shards over the same devices (`jax.device_put`, leaf by leaf, no
-replicated intermediate), generate, and let the generation copy go. On one device without LoRA
+Per call: fold LoRA adapters into the kernels (if any) and move every weight straight from its
+FSDP shards to its tensor-parallel shards over the same devices (one jitted program with the
+generation shardings as outputs: leaf by leaf, no replicated intermediate, no host copy),
+generate, and let the generation copy go. On one device without LoRA
 the training weights are used as they are: no copy at all.
 """
 
@@ -28,39 +29,38 @@ class GenerationTimings:
 
 
 class HybridEngine:
-    """Generates with an actor given in its training layout; see the module docstring."""
+    """Generates with an actor given in its training layout; see the module docstring.
 
-    def __init__(self, graphdef: nnx.GraphDef, train_state: nnx.State, train_mesh: Mesh, tensor_parallel: int,
+    `states` is the actor's split state as a tuple, e.g. (trainable params, frozen rest).
+    """
+
+    def __init__(self, graphdef: nnx.GraphDef, states: tuple, train_mesh: Mesh, tensor_parallel: int,
                  settings: SamplingSettings):
         self.train_graphdef = graphdef
         self.settings = settings
-        self.uses_lora = has_lora(nnx.merge(graphdef, train_state))
+        self.uses_lora = has_lora(nnx.merge(graphdef, *states))
         devices = train_mesh.devices.flatten()
         self.mesh = make_mesh(data=1, fsdp=-1, tensor=tensor_parallel, devices=devices)
         self.no_copy = len(devices) == 1 and not self.uses_lora
 
-        def merged(state):
-            return merge_lora(nnx.merge(graphdef, state))
+        def merged(states):
+            return merge_lora(nnx.merge(graphdef, *states))
 
-        if self.uses_lora:
-            self.graphdef, abstract = nnx.split(nnx.eval_shape(merged, train_state))
-        else:
-            self.graphdef, abstract = graphdef, train_state
+        self.graphdef, abstract = nnx.split(nnx.eval_shape(merged, states))
         self.shardings = state_shardings(abstract, GENERATION_RULES, self.mesh)
-        # Merging runs on device and writes the merged weights straight into the generation layout.
-        self._merge = jax.jit(lambda state: nnx.split(merged(state))[1], out_shardings=self.shardings)
+        # One jitted program folds LoRA in (if any) and writes every weight straight into its
+        # tensor-parallel shards: a reshard leaf by leaf on device, no host copy.
+        self._to_generation = jax.jit(lambda states: nnx.split(merged(states))[1], out_shardings=self.shardings)
 
-    def generation_state(self, train_state: nnx.State) -> nnx.State:
+    def generation_state(self, states: tuple) -> nnx.State:
         """The actor's weights in the generation layout (LoRA merged)."""
         if self.no_copy:
-            return train_state
-        if self.uses_lora:
-            return self._merge(train_state)
-        return jax.device_put(train_state, self.shardings)
+            return nnx.split(nnx.merge(self.train_graphdef, *states))[1]  # the same arrays, regrouped
+        return self._to_generation(states)
 
-    def generate(self, train_state: nnx.State, prompt_ids, prompt_mask, key) -> tuple[Generation, GenerationTimings]:
+    def generate(self, states: tuple, prompt_ids, prompt_mask, key) -> tuple[Generation, GenerationTimings]:
         start = time.perf_counter()
-        state = jax.block_until_ready(self.generation_state(train_state))
+        state = jax.block_until_ready(self.generation_state(states))
         resharded = time.perf_counter()
         rows = batch_sharding(self.mesh, 2, GENERATION_RULES)
         prompt_ids, prompt_mask = jax.device_put((prompt_ids, prompt_mask), rows)

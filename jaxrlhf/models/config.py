@@ -38,7 +38,7 @@ class DecoderConfig:
     out_bias: bool = False
     positions: str = "rope"  # "rope" or "learned" (OPT)
     rope_theta: float = 10000.0
-    rope_scaling: tuple[tuple[str, Any], ...] = ()  # hashable copy of HF's rope parameters
+    rope_scaling: tuple = ("__dict__",)  # hashable copy of HF's rope parameters
     learned_position_offset: int = 0  # OPT shifts position ids by 2
     word_embed_proj_dim: int | None = None  # OPT: embeddings narrower than the residual stream
     sliding_window: int | None = None
@@ -46,7 +46,7 @@ class DecoderConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"  # "none" or "block": recompute each block in the backward pass
-    hf_config: tuple[tuple[str, Any], ...] = dataclasses.field(default=(), compare=False, repr=False)
+    hf_config: tuple = dataclasses.field(default=("__dict__",), compare=False, repr=False)
 
     @property
     def compute_dtype(self):
@@ -69,7 +69,7 @@ class DecoderConfig:
         return _thaw(self.hf_config)
 
     def rope_parameters(self) -> dict[str, Any]:
-        return dict(self.rope_scaling)
+        return _thaw(self.rope_scaling)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides) -> DecoderConfig:
@@ -154,17 +154,17 @@ def _opt_fields(hf: dict[str, Any]) -> dict[str, Any]:
 
 
 def _freeze(value):
-    """Dicts and lists to nested tuples, so the config stays hashable (a static jit argument)."""
+    """Dicts and lists to tagged nested tuples, so the config stays hashable (a static jit argument)."""
     if isinstance(value, dict):
-        return tuple((k, _freeze(v)) for k, v in value.items())
+        return ("__dict__",) + tuple((k, _freeze(v)) for k, v in value.items())
     if isinstance(value, list):
         return ("__list__",) + tuple(_freeze(v) for v in value)
     return value
 
 
 def _thaw(value):
+    if isinstance(value, tuple) and value and value[0] == "__dict__":
+        return {k: _thaw(v) for k, v in value[1:]}
     if isinstance(value, tuple) and value and value[0] == "__list__":
         return [_thaw(v) for v in value[1:]]
-    if isinstance(value, tuple) and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in value):
-        return {k: _thaw(v) for k, v in value}
     return value

@@ -66,10 +66,11 @@ class Decoder(nnx.Module):
         self.final_norm = Norm(config.hidden_size, config, rngs) if config.final_norm else None
 
     def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
-                 write_index=None, key_valid=None, attention_fn=None):
+                 write_index=None, key_valid=None, attention_fn=None, segment_ids=None):
         """Hidden states [batch, seq, embed_dim] (and the updated cache when one is given).
 
-        Without a cache, keys are the input tokens themselves. With a cache, the tokens are
+        Without a cache, keys are the input tokens themselves; with `segment_ids` (packed rows,
+        0 = pad) a token sees only earlier tokens of its own segment. With a cache, the tokens are
         written at slots [write_index, write_index + seq) and attend to every slot whose
         `key_valid` [batch, max_len] is set, up to their own slot.
         """
@@ -89,6 +90,8 @@ class Decoder(nnx.Module):
         if cache is None:
             slots = jnp.arange(seq)
             mask = attention_mask_4d(attention_mask.astype(bool), slots, slots, config.sliding_window)
+            if segment_ids is not None:
+                mask &= (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
         else:
             query_slots = write_index + jnp.arange(seq)
             key_slots = jnp.arange(cache.k.shape[2])
@@ -147,8 +150,8 @@ class CausalLM(nnx.Module):
         head = self.lm_head[...].astype(self.config.compute_dtype)
         return jnp.einsum("bte,ev->btv", hidden, head, preferred_element_type=jnp.float32)
 
-    def __call__(self, input_ids, attention_mask=None, positions=None):
-        hidden, _ = self.decoder(input_ids, attention_mask, positions)
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
+        hidden, _ = self.decoder(input_ids, attention_mask, positions, segment_ids=segment_ids)
         return self.logits(hidden)
 
 
