@@ -1,0 +1,163 @@
+"""What a run reports: metric lines on stdout, TensorBoard scalars, metrics.jsonl, summary.json,
+plots of the logged curves, and progress bars.
+
+Only process 0 writes, so every process may call all of this unconditionally.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import jax
+from matplotlib.figure import Figure
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+
+class MetricsLogger:
+    """Writes each `log` call to stdout, <output_dir>/metrics.jsonl and <output_dir>/tensorboard."""
+
+    def __init__(self, output_dir: str | os.PathLike, tensorboard: bool = True):
+        self.output_dir = Path(output_dir)
+        self.is_writer = jax.process_index() == 0
+        self._jsonl = None
+        self._tensorboard = None
+        if self.is_writer:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.output_dir / "metrics.jsonl", "a")  # a resumed run appends
+            if tensorboard:
+                self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: Mapping[str, float], prefix: str) -> None:
+        """Records scalar `metrics` (Python, NumPy or JAX numbers) of one `step` of stage `prefix`."""
+        if not self.is_writer:
+            return
+        values = {name: _as_float(name, value) for name, value in metrics.items()}
+        print(format_metrics_line(step, values, prefix), flush=True)
+        self._jsonl.write(json.dumps({"step": step, "prefix": prefix, **values}) + "\n")
+        self._jsonl.flush()  # a crash loses no logged line
+        if self._tensorboard is not None:
+            for name, value in values.items():
+                self._tensorboard.add_scalar(f"{prefix}/{name}", value, step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def format_metrics_line(step: int, metrics: Mapping[str, float], prefix: str) -> str:
+    """`[sft] step 120 | loss 2.31 | tok/s 1.2e4`: every number to 4 significant digits."""
+    return " | ".join([f"[{prefix}] step {step}"] + [f"{name} {format_number(value)}"
+                                                    for name, value in metrics.items()])
+
+
+def format_number(value: float) -> str:
+    """4 significant digits with a short exponent: 2.31, 0.0123, 1.2e4, 3e-5."""
+    text = f"{value:.4g}"
+    if "e" not in text:
+        return text
+    mantissa, exponent = text.split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def update_summary(output_dir: str | os.PathLike, values: Mapping) -> dict:
+    """Merges `values` into <output_dir>/summary.json (nested dicts key by key) and returns the result.
+
+    The file is replaced atomically, so a reader never sees half of it.
+    """
+    path = Path(output_dir) / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    _merge_into(summary, values)
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        os.replace(temporary, path)
+    return summary
+
+
+def format_summary_table(summary: Mapping) -> str:
+    """The summary as two aligned columns, nested keys joined by dots, for the end of a run."""
+    rows = list(_flatten(summary))
+    if not rows:
+        return "(empty summary)"
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"{key:<{width}}  {format_number(value) if isinstance(value, float) else value}"
+                     for key, value in rows)
+
+
+def plot_metrics(jsonl_path: str | os.PathLike, prefix: str, keys: Iterable[str],
+                 out_png: str | os.PathLike) -> Path:
+    """One subplot per metric in `keys` against step, from the `prefix` records of a metrics.jsonl.
+
+    A step logged twice (a resumed run repeats steps since its checkpoint) keeps its last value.
+    """
+    keys = list(keys)
+    curves: dict[str, dict[int, float]] = {key: {} for key in keys}
+    with open(jsonl_path) as lines:
+        records = [json.loads(line) for line in lines if line.strip()]
+    records = [record for record in records if record.get("prefix") == prefix]
+    if not records:
+        raise ValueError(f"{jsonl_path}: no records with prefix {prefix!r}")
+    for record in records:
+        for key in keys:
+            if key in record:
+                curves[key][record["step"]] = record[key]
+
+    figure = Figure(figsize=(6, 2.2 * len(keys)), layout="constrained")  # no pyplot: no global state
+    axes = figure.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
+    for axis, key in zip(axes, keys):
+        steps = sorted(curves[key])
+        axis.plot(steps, [curves[key][step] for step in steps], marker="." if len(steps) < 50 else None)
+        axis.set_ylabel(key)
+        axis.grid(alpha=0.3)
+        if not steps:
+            axis.text(0.5, 0.5, "not logged", transform=axis.transAxes, ha="center", va="center")
+    axes[0].set_title(f"{prefix}")
+    axes[-1].set_xlabel("step")
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_png, dpi=100)
+    return out_png
+
+
+def progress(total: int, desc: str) -> tqdm:
+    """A progress bar on stderr, shown by process 0 only; redrawn at most every 30 s into a log file."""
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=jax.process_index() != 0,
+                mininterval=0.5 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+
+
+def _as_float(name: str, value: object) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"metric {name!r} is not a scalar number: {value!r}") from None
+
+
+def _merge_into(target: dict, values: Mapping) -> None:
+    """Recursively updates `target` with `values`: nested dicts merge, anything else replaces."""
+    for key, value in values.items():
+        if isinstance(value, Mapping) and isinstance(target.get(key), dict):
+            _merge_into(target[key], value)
+        else:
+            target[key] = value
+
+
+def _flatten(tree: Mapping, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value

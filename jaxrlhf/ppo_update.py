@@ -1,0 +1,123 @@
+"""The whole PPO update of one iteration as one jitted function.
+
+ppo_epochs passes, each over a fresh random split of the rollout batch into num_minibatches;
+each minibatch takes one actor and one critic optimizer step, with its gradients accumulated
+over grad_accum_steps microbatches. Nested `lax.scan`s keep it one compiled program whose size
+does not grow with the numbers of epochs or minibatches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxrlhf.experience import Experience
+from jaxrlhf.losses import language_model_loss, next_token_logprobs
+from jaxrlhf.ppo_math import actor_loss, entropy_from_logits, value_loss
+from jaxrlhf.training import TrainState, accumulate_gradients, global_norm
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PPOState:
+    actor: TrainState
+    critic: TrainState
+    ema: nnx.State | None  # moving average of the actor's trainable params (None when off)
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateSettings:
+    """The static part of the update (from PPOConfig)."""
+
+    ppo_epochs: int
+    num_minibatches: int
+    grad_accum_steps: int
+    cliprange: float
+    cliprange_value: float
+    dual_clip: float | None
+    entropy_coef: float
+    unsup_coef: float
+    ema_decay: float
+
+
+def actor_objective(settings: UpdateSettings):
+    """(model, minibatch) -> (loss, metrics): clipped surrogate, entropy bonus, PTX term."""
+
+    def loss_fn(model, batch):
+        experience: Experience = batch["experience"]
+        logits = model(experience.tokens, experience.attention_mask)
+        logprobs = next_token_logprobs(logits, experience.tokens)
+        loss, stats = actor_loss(logprobs, experience.old_logprobs, experience.advantages, experience.action_mask,
+                                 cliprange=settings.cliprange, dual_clip=settings.dual_clip)
+        entropy = entropy_from_logits(logits[:, :-1], experience.action_mask)
+        metrics = {"actor_loss": loss, "entropy": entropy, **stats}
+        loss = loss - settings.entropy_coef * entropy
+        if settings.unsup_coef > 0:
+            ptx_loss, _ = language_model_loss(model, batch["ptx"])
+            loss = loss + settings.unsup_coef * ptx_loss
+            metrics["ptx_loss"] = ptx_loss
+        return loss, metrics
+
+    return loss_fn
+
+
+def critic_objective(settings: UpdateSettings):
+    def loss_fn(model, batch):
+        experience: Experience = batch["experience"]
+        values = model(experience.tokens, experience.attention_mask)[:, :-1]
+        loss, stats = value_loss(values, experience.old_values, experience.returns, experience.span_mask,
+                                 cliprange_value=settings.cliprange_value)
+        return loss, {"critic_loss": loss, **stats}
+
+    return loss_fn
+
+
+def optimizer_step(state: TrainState, grads, optimizer: optax.GradientTransformation) -> TrainState:
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    return dataclasses.replace(state, step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                               opt_state=opt_state)
+
+
+def make_ppo_update(actor_graphdef, critic_graphdef, actor_optimizer, critic_optimizer, settings: UpdateSettings):
+    """A jitted `(state, experience, ptx, key) -> (state, metrics)`; `ptx` holds one pretraining
+    batch per minibatch ([num_minibatches, rows, seq] arrays) or is None. The state is donated."""
+    actor_loss_fn, critic_loss_fn = actor_objective(settings), critic_objective(settings)
+    accumulate = settings.grad_accum_steps
+
+    def minibatch_step(state: PPOState, batch):
+        _, actor_grads, actor_metrics = accumulate_gradients(actor_loss_fn, actor_graphdef, state.actor.params,
+                                                             state.actor.frozen, batch, accumulate)
+        _, critic_grads, critic_metrics = accumulate_gradients(critic_loss_fn, critic_graphdef, state.critic.params,
+                                                               state.critic.frozen, batch, accumulate)
+        actor = optimizer_step(state.actor, actor_grads, actor_optimizer)
+        critic = optimizer_step(state.critic, critic_grads, critic_optimizer)
+        ema = state.ema
+        if ema is not None:
+            decay = settings.ema_decay
+            ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p.astype(e.dtype), ema, actor.params)
+        metrics = {**actor_metrics, **critic_metrics, "actor_grad_norm": global_norm(actor_grads),
+                   "critic_grad_norm": global_norm(critic_grads)}
+        return PPOState(actor, critic, ema), metrics
+
+    def epoch(state: PPOState, inputs):
+        key, experience, ptx = inputs
+        rows = experience.tokens.shape[0]
+        order = jax.random.permutation(key, rows)
+        split = lambda x: x[order].reshape(settings.num_minibatches, rows // settings.num_minibatches, *x.shape[1:])
+        minibatches = {"experience": jax.tree.map(split, experience)}
+        if ptx is not None:
+            minibatches["ptx"] = ptx
+        return jax.lax.scan(minibatch_step, state, minibatches)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def update(state: PPOState, experience: Experience, ptx, key):
+        keys = jax.random.split(key, settings.ppo_epochs)
+        state, metrics = jax.lax.scan(lambda s, k: epoch(s, (k, experience, ptx)), state, keys)
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    return update

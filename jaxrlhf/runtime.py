@@ -1,0 +1,96 @@
+"""What every step of a run shares: the mesh, paths, the data feed onto devices, throughput."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxrlhf.config import RunConfig
+from jaxrlhf.data.split import step_records
+from jaxrlhf.metrics import MetricsLogger
+from jaxrlhf.models.builtin import builtin_model_dir
+from jaxrlhf.parallel.rules import batch_sharding
+
+BUILTIN = "builtin"
+# Peak dense bf16 FLOP/s per device, for the MFU estimate (devices not listed report no MFU).
+PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12,
+              "NVIDIA A100-SXM4-40GB": 312e12, "TPU v4": 275e12, "TPU v5e": 197e12, "TPU v5p": 459e12}
+# Test hook: the process kills itself with SIGKILL right after the checkpoint of this step is
+# written, to prove that a killed run resumes exactly (see tests/test_resume.py).
+SIGKILL_AFTER_CHECKPOINT = "JAXRLHF_SIGKILL_AFTER_CHECKPOINT"
+
+
+@dataclasses.dataclass
+class RunContext:
+    config: RunConfig
+    mesh: Mesh
+    logger: MetricsLogger
+
+    @property
+    def output_dir(self) -> str:
+        return self.config.output_dir
+
+    @property
+    def cache_dir(self) -> str:
+        return self.config.data.cache_dir or os.path.join(self.config.output_dir, "cache")
+
+    def step_dir(self, step: str, *parts: str) -> str:
+        return os.path.join(self.output_dir, step, *parts)
+
+    def model_path(self, path: str, previous_step: str | None) -> str:
+        """A configured model path: a directory, "builtin", or "" for the previous step's export
+        in this output directory (the built-in model when there is none and the run skips it)."""
+        if path == "" and previous_step is not None:
+            exported = self.step_dir(previous_step, "model")
+            if os.path.exists(os.path.join(exported, "config.json")):
+                return exported
+            if previous_step in self.config.steps:
+                raise FileNotFoundError(f"{exported}: step '{previous_step}' has no exported model")
+        if path in ("", BUILTIN):
+            return builtin_model_dir(self.cache_dir, seed=self.config.seed)
+        return path
+
+    def step_data(self, step: str):
+        """The train/eval records of one step (sft, rm or ppo) under the run's data_split."""
+        data = self.config.data
+
+        def resolved(sources):  # the built-in task's size travels in its path
+            return [dataclasses.replace(s, path=f"builtin:{data.builtin_size}") if s.layout == BUILTIN else s
+                    for s in sources]
+
+        return step_records(resolved(data.sources), step, data.data_split, data.eval_fraction, data.seed,
+                            resolved(data.eval_sources))
+
+    def device_batch(self, local_rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows of a global batch -> global arrays sharded over the data axes."""
+        return {name: jax.make_array_from_process_local_data(batch_sharding(self.mesh, array.ndim), array)
+                for name, array in local_rows.items()}
+
+
+def maybe_kill_after_checkpoint(step: int) -> None:
+    if os.environ.get(SIGKILL_AFTER_CHECKPOINT) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def training_flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: int) -> float:
+    """6N for the matmuls plus attention's 12 * layers * hidden * seq (forward + backward)."""
+    return 6.0 * num_params + 12.0 * num_layers * hidden * seq_len
+
+
+def throughput(tokens: float, seconds: float, flops_per_token: float) -> dict[str, float]:
+    """tokens/s, achieved TFLOP/s and, on known devices, MFU against the peak of all devices."""
+    tflops = tokens * flops_per_token / max(seconds, 1e-9) / 1e12
+    stats = {"tokens_per_s": tokens / max(seconds, 1e-9), "tflops": tflops}
+    peak = PEAK_FLOPS.get(jax.devices()[0].device_kind)
+    if peak:
+        stats["mfu"] = tflops * 1e12 / (peak * jax.device_count())
+    return stats

@@ -1,0 +1,85 @@
+"""python -m jaxrlhf.rw_eval MODEL_DIR [--pairs FILE --layout LAYOUT] [--prompt P --response R]...
+
+Scores prompt/response pairs with a reward model (a step-2 export), and reports the accuracy
+on a file of preference pairs in any supported layout (DeepSpeed-Chat's rw_eval.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxrlhf.data.records import Record
+from jaxrlhf.data.sources import VALID_LAYOUTS, load_source
+from jaxrlhf.data.tokenize import tokenize_pairs
+from jaxrlhf.models import ValueModel, load_pretrained, load_tokenizer
+from jaxrlhf.reward_losses import sequence_scores
+
+EXAMPLES = [
+    ("\n\nHuman: I am Alice. List three fruits.\n\nAssistant:", " Hi Alice! apple, pear, plum. Hope this helps!"),
+    ("\n\nHuman: I am Alice. List three fruits.\n\nAssistant:", " apple, apple, car. Whatever."),
+    ("\n\nHuman: Please tell me about yourself.\n\nAssistant:", " I can help you answer questions."),
+]
+
+
+def score_pairs(model_dir: str, records: list[Record], max_seq_len: int = 512, batch_size: int = 16):
+    """(chosen scores, rejected scores or None) for the records, by the reward model at model_dir."""
+    tokenizer = load_tokenizer(model_dir)
+    graphdef, state = nnx.split(load_pretrained(model_dir, model_cls=ValueModel))
+    score = jax.jit(lambda state, ids, mask: sequence_scores(nnx.merge(graphdef, state)(ids, mask), mask))
+    paired = [Record(r.prompt, r.chosen, r.rejected if r.rejected is not None else r.chosen) for r in records]
+    arrays = tokenize_pairs(paired, tokenizer, max_seq_len)
+    chosen, rejected = [], []
+    for start in range(0, len(records), batch_size):
+        rows = slice(start, start + batch_size)
+        chosen.append(np.asarray(score(state, arrays["chosen_ids"][rows], arrays["chosen_mask"][rows])))
+        rejected.append(np.asarray(score(state, arrays["rejected_ids"][rows], arrays["rejected_mask"][rows])))
+    has_rejected = all(r.rejected is not None for r in records)
+    return np.concatenate(chosen), np.concatenate(rejected) if has_rejected else None
+
+
+def load_pairs_strict(path: str, layout: str) -> list[Record]:
+    """Pairs from a file; any malformed row is an error naming the file and row."""
+    source = argparse.Namespace(path=path, layout=layout, weight=1.0)
+    records, report = load_source(source, seed=0)
+    if report.bad_total:
+        raise ValueError(f"{report.examples[0]} ({report.bad_total} malformed rows in all)")
+    if any(r.rejected is None for r in records):
+        raise ValueError(f"{path}: layout {layout!r} has no rejected responses; rw_eval needs pairs")
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxrlhf.rw_eval", description=__doc__.split("\n\n")[1])
+    parser.add_argument("model_dir", help="a reward model directory (e.g. <output_dir>/rm/model)")
+    parser.add_argument("--pairs", help="a file of preference pairs (.json, .jsonl, .parquet or a saved dataset)")
+    parser.add_argument("--layout", default="rm-static", choices=[l for l in VALID_LAYOUTS if l != "builtin"])
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt to score (with --response)")
+    parser.add_argument("--response", action="append", default=[], help="the response to --prompt")
+    parser.add_argument("--max-seq-len", type=int, default=512)
+    args = parser.parse_args(argv)
+    try:
+        if len(args.prompt) != len(args.response):
+            raise ValueError("give --prompt and --response the same number of times")
+        if args.pairs:
+            records = load_pairs_strict(args.pairs, args.layout)
+            chosen, rejected = score_pairs(args.model_dir, records, args.max_seq_len)
+            print(f"{len(records)} pairs from {args.pairs}: accuracy {np.mean(chosen > rejected):.4f}, "
+                  f"chosen mean {chosen.mean():.4f}, rejected mean {rejected.mean():.4f}")
+            return 0
+        examples = list(zip(args.prompt, args.response)) or EXAMPLES
+        scores, _ = score_pairs(args.model_dir, [Record(p, r, None) for p, r in examples], args.max_seq_len)
+        for (prompt, response), value in zip(examples, scores):
+            print(f"{value:+.4f}  {prompt.strip()!r} -> {response!r}")
+        return 0
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

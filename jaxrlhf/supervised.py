@@ -1,0 +1,126 @@
+"""The training loop shared by step 1 (SFT) and step 2 (reward model).
+
+Batches come from a resumable iterator, go through one jitted update in the FSDP layout, and
+every `checkpoint.every_steps` the parameters, optimizer state, step and data position are
+saved, so a killed run resumes with exactly the batches and state it would have had.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxrlhf.checkpoint import Checkpointer
+from jaxrlhf.data.batches import BatchIterator, BatchPosition
+from jaxrlhf.metrics import progress
+from jaxrlhf.models.lora import apply_lora
+from jaxrlhf.runtime import (RunContext, count_params, maybe_kill_after_checkpoint, throughput,
+                             training_flops_per_token)
+from jaxrlhf.training import (LossFn, init_train_state, learning_rate_schedule, make_eval_step, make_optimizer,
+                              make_train_step, split_for_training)
+
+
+@dataclasses.dataclass
+class SupervisedJob:
+    name: str  # "sft" or "rm": the log prefix and the output subdirectory
+    stage: object  # SFTConfig or RMConfig
+    loss_fn: LossFn  # (model, batch) -> (loss, metrics); also used for evaluation
+    train_arrays: dict[str, np.ndarray]
+    eval_arrays: dict[str, np.ndarray]
+    count_tokens: Callable[[dict[str, np.ndarray]], int]  # real tokens in a batch, for throughput
+    data_seed: int
+
+
+def total_steps(stage, rows: int) -> int:
+    return stage.max_steps if stage.max_steps > 0 else stage.num_epochs * (rows // stage.batch_size)
+
+
+def evaluate(ctx: RunContext, eval_step, params, frozen, arrays: dict[str, np.ndarray], batch_size: int,
+             max_batches: int) -> dict[str, float]:
+    """Mean metrics over the first `max_batches` full batches of the eval set, in order."""
+    rows = len(next(iter(arrays.values())))
+    replicas = ctx.mesh.shape["data"] * ctx.mesh.shape["fsdp"]
+    batch_size = min(batch_size, rows - rows % replicas)
+    if batch_size <= 0:
+        raise ValueError(f"the eval set has {rows} rows, fewer than the {replicas} data-parallel devices")
+    iterator = BatchIterator(arrays, batch_size, seed=0, shuffle=False, process_index=jax.process_index(),
+                             process_count=jax.process_count())
+    totals: dict[str, float] = {}
+    batches = min(max_batches, iterator.batches_per_epoch)
+    for _ in range(batches):
+        metrics = jax.device_get(eval_step(params, frozen, ctx.device_batch(next(iterator))))
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + float(value) / batches
+    return totals
+
+
+def train_supervised(ctx: RunContext, job: SupervisedJob, model: nnx.Module):
+    """Trains `model` on `job`; returns (trained model, first eval metrics, last eval metrics)."""
+    config, stage = ctx.config, job.stage
+    if stage.lora.rank > 0:
+        apply_lora(model, stage.lora.rank, stage.lora.alpha, stage.lora.target_modules, seed=config.seed)
+    model_config = model.config
+    graphdef, params, frozen = split_for_training(model, stage.lora.rank)
+    rows = len(next(iter(job.train_arrays.values())))
+    steps = total_steps(stage, rows)
+    optimizer = make_optimizer(stage.optimizer, steps)
+    schedule = learning_rate_schedule(stage.optimizer, steps)
+    state = init_train_state(params, frozen, optimizer)
+    train_step = make_train_step(graphdef, job.loss_fn, optimizer, stage.grad_accum_steps)
+    eval_step = make_eval_step(graphdef, job.loss_fn)
+    iterator = BatchIterator(job.train_arrays, stage.batch_size, seed=job.data_seed,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+    checkpointer = Checkpointer(ctx.step_dir(job.name, "checkpoints"), keep=config.checkpoint.keep,
+                                every_steps=config.checkpoint.every_steps)
+
+    def saved(state):
+        return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+
+    start = 0
+    latest = checkpointer.latest_step() if config.resume != "never" else None
+    if config.resume == "always" and latest is None:
+        raise FileNotFoundError(f"resume=always but {checkpointer.directory} has no checkpoint")
+    if latest is not None:
+        restored, metadata = checkpointer.restore(saved(state))
+        state = dataclasses.replace(state, **restored)
+        iterator.position = BatchPosition(**metadata["position"])
+        start = int(restored["step"])
+        print(f"[{job.name}] resumed from step {start} ({checkpointer.directory})", flush=True)
+
+    evaluate_now = lambda: evaluate(ctx, eval_step, state.params, state.frozen, job.eval_arrays,
+                                    stage.batch_size, stage.eval_batches)
+    first_eval = evaluate_now()
+    ctx.logger.log(start, first_eval, prefix=f"{job.name}/eval")
+    flops_per_token = training_flops_per_token(count_params(state.params) + count_params(state.frozen),
+                                               model_config.num_layers, model_config.hidden_size, stage.max_seq_len)
+    tokens, clock = 0, time.perf_counter()
+    bar = progress(steps - start, f"{job.name}")
+    for step in range(start, steps):
+        local_rows = next(iterator)
+        tokens += job.count_tokens(local_rows) * jax.process_count()
+        state, metrics = train_step(state, ctx.device_batch(local_rows))
+        bar.update(1)
+        done = step + 1
+        if done % config.log_every == 0 or done == steps:
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            elapsed = time.perf_counter() - clock
+            metrics.update(throughput(tokens, elapsed, flops_per_token))
+            metrics["learning_rate"] = float(schedule(step))
+            ctx.logger.log(done, metrics, prefix=job.name)
+            tokens, clock = 0, time.perf_counter()
+        if stage.eval_every and done % stage.eval_every == 0 and done != steps:
+            ctx.logger.log(done, evaluate_now(), prefix=f"{job.name}/eval")
+        if checkpointer.save(done, saved(state), {"position": dataclasses.asdict(iterator.position)},
+                             force=done == steps):
+            maybe_kill_after_checkpoint(done)
+    bar.close()
+    last_eval = evaluate_now()
+    ctx.logger.log(steps, last_eval, prefix=f"{job.name}/eval")
+    checkpointer.close()
+    return nnx.merge(graphdef, state.params, state.frozen), first_eval, last_eval
+
