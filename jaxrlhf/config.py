@@ -128,7 +128,7 @@ class DataSourceConfig:
 
     path: str = BUILTIN  # a local file or directory, or "builtin" for the generated task
     layout: DataLayout = "builtin"  # which columns hold prompt / chosen / rejected
-    weight: float = 1.0  # relative share when several sources are mixed
+    weight: float = 1.0  # times each record is used on average (0.5: a seeded half, 2: twice)
 
     def validate(self, key: str) -> None:
         _require(self.weight > 0, f"{key}.weight", f"must be > 0, got {self.weight}")
@@ -146,7 +146,7 @@ class DataConfig:
     eval_sources: list[DataSourceConfig] = field(default_factory=list)  # empty: hold out eval_fraction
     data_split: str = "2,4,4"  # relative shares of every source for SFT, RM, PPO (DeepSpeed-Chat's)
     eval_fraction: float = 0.05
-    builtin_size: int = 4000  # examples generated for the built-in task
+    builtin_size: int = 10000  # examples generated for the built-in task
     seed: int = 1234  # shuffling and splitting
     cache_dir: str | None = None  # tokenized-data cache; None = no cache
 

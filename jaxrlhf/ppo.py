@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrlhf.checkpoint import Checkpointer
+from jaxrlhf.compile_counter import CompileCounter
 from jaxrlhf.data.batches import BatchIterator, BatchPosition
 from jaxrlhf.data.builtin import builtin_pretraining_texts, gold_reward
 from jaxrlhf.data.tokenize import tokenize_pretraining, tokenize_prompts
@@ -187,8 +188,8 @@ def run_ppo(ctx: RunContext) -> dict[str, float]:
         sft_eval = evaluate_policy(role_states(state), with_actor=False)
     ctx.logger.log(0, {k: v for k, v in sft_eval.items() if k != "sample"}, prefix="ppo/eval_sft")
 
-    bar = progress(ppo.num_iterations - start, "ppo")
-    for iteration in range(start, ppo.num_iterations):
+    def iteration_step(state: PPOState, iteration: int, kl_coef: float):
+        """Rollouts, experience and the PPO update of one iteration: three jitted calls."""
         iteration_key = jax.random.fold_in(key, iteration)
         prompts = ctx.device_batch(next(prompt_iterator))
         states = role_states(state)
@@ -206,10 +207,17 @@ def run_ppo(ctx: RunContext) -> dict[str, float]:
         state, metrics = jax.block_until_ready(update_fn(state, experience, ptx, jax.random.fold_in(iteration_key, 1)))
         train_s = time.perf_counter() - clock
         stats = {k: float(v) for k, v in jax.device_get({**stats, **metrics}).items()}
+        stats.update(iteration_timings(timing, experience_s, train_s, rollout, ppo, sizes))
+        return state, stats
+
+    bar = progress(ppo.num_iterations - start, "ppo")
+    for iteration in range(start, ppo.num_iterations):
+        with CompileCounter() as compiles:
+            state, stats = iteration_step(state, iteration, kl_coef)
+        stats["compiles"] = compiles.count  # 0 after the first iteration: nothing recompiles
         if ppo.adaptive_kl:
             kl_coef = float(adaptive_kl_update(kl_coef, stats["kl"], ppo.prompts_per_iteration, target=ppo.kl_target,
                                                horizon=ppo.kl_horizon))
-        stats.update(iteration_timings(timing, experience_s, train_s, rollout, ppo, sizes))
         bar.update(1)
         done = iteration + 1
         if done % config.log_every == 0 or done == ppo.num_iterations or iteration == start:

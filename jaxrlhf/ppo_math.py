@@ -47,8 +47,8 @@ PRESETS = {
     },
     # Our default: what keeps PPO on small models stable.
     "stable": {
-        "kl_coef": 0.05,  # smaller start; the adaptive controller raises it if the policy drifts
-        "kl_estimator": "k3",  # unbiased and never negative, so the penalty can't become a bonus
+        "kl_coef": 0.05,  # half DeepSpeed-Chat's: with whitened advantages the score dominates less
+        "kl_estimator": "k1",  # the log-ratio, whose sum over the answer is the sequence KL we report
         "clip_reward_value": 5.0,  # bounds outlier reward-model scores
         "cliprange": 0.2,  # standard PPO trust region
         "cliprange_value": 0.2,  # keeps the critic near its rollout values, as the actor
@@ -58,8 +58,8 @@ PRESETS = {
         "score_position": "last_token",  # score lands on the token that earned it, no pad-position value
         "dual_clip": 3.0,  # bounds the loss when a negative advantage meets a huge ratio (Ye et al. 2020)
         "entropy_coef": 0.0,  # entropy bonus degrades text; the KL to the reference regularises
-        "adaptive_kl": True,  # Ziegler et al. 2019 controller holds the KL near its target
-        "kl_target": 6.0,  # nats per sequence, Ziegler et al.'s value
+        "adaptive_kl": False,  # a fixed coefficient is easier to reason about; the controller is an option
+        "kl_target": 6.0,  # used when adaptive_kl is on: nats per sequence, Ziegler et al.'s value
     },
 }
 
