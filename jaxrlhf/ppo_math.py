@@ -47,7 +47,7 @@ PRESETS = {
     },
     # Our default: what keeps PPO on small models stable.
     "stable": {
-        "kl_coef": 0.05,  # half DeepSpeed-Chat's: with whitened advantages the score dominates less
+        "kl_coef": 0.1,  # DeepSpeed-Chat's: holds the policy near SFT where the reward model is blind
         "kl_estimator": "k1",  # the log-ratio, whose sum over the answer is the sequence KL we report
         "clip_reward_value": 5.0,  # bounds outlier reward-model scores
         "cliprange": 0.2,  # standard PPO trust region

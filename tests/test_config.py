@@ -85,7 +85,7 @@ def test_list_and_nested_overrides(tmp_path):
     (["data.data_split=2,4"], r"^data\.data_split: must be three non-negative numbers"),
     (["mesh.data=-1"], r"^mesh: at most one axis may be -1"),
     (["sft.grad_accum_steps=5"], r"^sft\.grad_accum_steps: 5 does not divide batch_size=32"),
-    (["ppo.num_minibatches=3"], r"^ppo\.num_minibatches: 3 does not divide prompts_per_iteration=32"),
+    (["ppo.num_minibatches=3"], r"^ppo\.num_minibatches: 3 does not divide prompts_per_iteration=64"),
     (["generation.top_p=0"], r"^generation\.top_p: must be in \(0, 1\]"),
     (["steps=[sft"], r"^command line 'steps=\[sft': value is not valid YAML"),
     (["sft.batch_size"], r"is not a dotted\.key=value override"),

@@ -78,9 +78,9 @@ NAME_RATE = 0.6  # prompts that give a name
 WRONG_COUNT_RATE = 0.15  # one item too few (70%) or too many
 OFF_CATEGORY_RATE = 0.15  # one item replaced by an item of another category
 REPEAT_RATE = 0.1  # one item replaced by an earlier one
-CLOSING_RATES = {"polite": 0.5, "none": 0.3, "rude": 0.2}
+CLOSING_RATES = {"polite": 0.35, "none": 0.35, "rude": 0.3}
 GREETING_RATES = {"right": 0.7, "none": 0.2, "wrong": 0.1}  # when the prompt gives a name
-FILLER_RATE = 0.2  # a filler word before the list
+FILLER_RATE = 0.35  # a filler word before the list
 
 _NAME_PATTERN = re.compile(r"(?:I am|My name is) ([A-Z][a-z]+)\.")
 _REQUEST_PATTERN = re.compile(rf"({'|'.join(COUNT_WORDS)}) ({'|'.join(CATEGORIES)})\b")

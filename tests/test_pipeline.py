@@ -1,0 +1,61 @@
+"""The default run, end to end, as a user starts it: `python -m jaxrlhf.train` with no argument
+(only the output directory moved), on one CPU device. Checks what each step must show."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("default_run")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a plain CPU run
+    env["JAX_PLATFORMS"] = "cpu"
+    result = subprocess.run([sys.executable, "-m", "jaxrlhf.train", f"output_dir={out}"], env=env,
+                            capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out, json.load(open(out / "summary.json")), result.stdout
+
+
+def test_sft_learns(default_run):
+    _, summary, _ = default_run
+    assert summary["sft.eval_loss_end"] < 0.5 * summary["sft.eval_loss_start"]
+
+
+def test_reward_model_is_accurate(default_run):
+    _, summary, _ = default_run
+    assert summary["rm.eval_accuracy"] >= 0.85
+    assert summary["rm.chosen_mean"] > summary["rm.rejected_mean"]
+
+
+def test_ppo_raises_the_gold_reward_with_bounded_kl(default_run):
+    _, summary, stdout = default_run
+    gain = summary["ppo.gold_reward_ppo"] - summary["ppo.gold_reward_sft"]
+    combined_se = math.hypot(summary["ppo.gold_reward_sft_se"], summary["ppo.gold_reward_ppo_se"])
+    assert gain > 3 * combined_se, summary
+    assert 0 <= summary["ppo.kl_to_sft"] < 20
+    assert "sample after" in stdout
+
+
+def test_outputs_a_user_needs(default_run):
+    import numpy as np
+    import torch
+    import transformers
+
+    out, _, _ = default_run
+    assert os.path.getsize(out / "ppo" / "ppo.png") > 1000
+    assert os.path.exists(out / "config.yaml") and os.listdir(out / "tensorboard")
+    for role in ("sft/model", "rm/model", "ppo/actor", "ppo/actor_ema", "ppo/critic", "ppo/reward_model"):
+        assert os.path.exists(out / role / "model.safetensors"), role
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out / "ppo" / "actor")
+    actor = transformers.AutoModelForCausalLM.from_pretrained(out / "ppo" / "actor")
+    prompt = tokenizer("\n\nHuman: I am Alice. List three fruits.\n\nAssistant:", return_tensors="pt")
+    answer = actor.generate(**prompt, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert answer.shape[1] > prompt["input_ids"].shape[1]
+    reward = transformers.AutoModelForSequenceClassification.from_pretrained(out / "rm" / "model")
+    with torch.no_grad():
+        assert np.isfinite(reward(answer).logits.numpy()).all()
