@@ -30,7 +30,6 @@ from jaxrlhf.generation.generate import SamplingSettings
 from jaxrlhf.generation.hybrid_engine import HybridEngine
 from jaxrlhf.metrics import plot_metrics, progress
 from jaxrlhf.models import ValueModel, load_pretrained, load_tokenizer
-from jaxrlhf.models.lora import apply_lora
 from jaxrlhf.parallel.rules import TRAINING_RULES
 from jaxrlhf.ppo_math import adaptive_kl_update
 from jaxrlhf.ppo_update import PPOState, UpdateSettings, make_ppo_update
@@ -51,8 +50,8 @@ def load_role(ctx: RunContext, path: str, model_config, lora, model_cls=None) ->
     kwargs = {"model_cls": model_cls} if model_cls else {}
     model = load_pretrained(path, mesh=ctx.mesh, rules=TRAINING_RULES, dtype=model_config.dtype,
                             param_dtype=model_config.param_dtype, remat=model_config.remat, **kwargs)
-    if lora is not None and lora.rank > 0:
-        apply_lora(model, lora.rank, lora.alpha, lora.target_modules, seed=ctx.config.seed)
+    if lora is not None:
+        ctx.add_lora(model, lora)
     return Role(*split_for_training(model, lora.rank if lora is not None else 0))
 
 

@@ -8,13 +8,15 @@ import signal
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh
 
 from jaxrlhf.config import RunConfig
 from jaxrlhf.data.split import step_records
 from jaxrlhf.metrics import MetricsLogger
 from jaxrlhf.models.builtin import builtin_model_dir
-from jaxrlhf.parallel.rules import batch_sharding
+from jaxrlhf.models.lora import apply_lora
+from jaxrlhf.parallel.rules import TRAINING_RULES, batch_sharding, reshard
 
 BUILTIN = "builtin"
 # Peak dense bf16 FLOP/s per device, for the MFU estimate (devices not listed report no MFU).
@@ -65,6 +67,14 @@ class RunContext:
 
         return step_records(resolved(data.sources), step, data.data_split, data.eval_fraction, data.seed,
                             resolved(data.eval_sources))
+
+    def add_lora(self, model, lora) -> None:
+        """Adds the configured adapters (if rank > 0), placed in the training layout like the rest
+        of the model (new adapters are created on one device), in place."""
+        if lora.rank == 0:
+            return
+        apply_lora(model, lora.rank, lora.alpha, lora.target_modules, seed=self.config.seed)
+        nnx.update(model, reshard(nnx.state(model), TRAINING_RULES, self.mesh))
 
     def device_batch(self, local_rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows of a global batch -> global arrays sharded over the data axes."""

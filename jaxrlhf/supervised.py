@@ -18,7 +18,6 @@ from flax import nnx
 from jaxrlhf.checkpoint import Checkpointer
 from jaxrlhf.data.batches import BatchIterator, BatchPosition
 from jaxrlhf.metrics import progress
-from jaxrlhf.models.lora import apply_lora
 from jaxrlhf.runtime import (RunContext, count_params, maybe_kill_after_checkpoint, throughput,
                              training_flops_per_token)
 from jaxrlhf.training import (LossFn, init_train_state, learning_rate_schedule, make_eval_step, make_optimizer,
@@ -62,8 +61,7 @@ def evaluate(ctx: RunContext, eval_step, params, frozen, arrays: dict[str, np.nd
 def train_supervised(ctx: RunContext, job: SupervisedJob, model: nnx.Module):
     """Trains `model` on `job`; returns (trained model, first eval metrics, last eval metrics)."""
     config, stage = ctx.config, job.stage
-    if stage.lora.rank > 0:
-        apply_lora(model, stage.lora.rank, stage.lora.alpha, stage.lora.target_modules, seed=config.seed)
+    ctx.add_lora(model, stage.lora)
     model_config = model.config
     graphdef, params, frozen = split_for_training(model, stage.lora.rank)
     rows = len(next(iter(job.train_arrays.values())))

@@ -40,3 +40,18 @@ def test_lora_starts_as_identity_and_merges_exactly(model_dir, tmp_path):
 def test_unknown_target_is_an_error(model_dir):
     with pytest.raises(ValueError, match="matched no projection"):
         apply_lora(load_pretrained(model_dir), rank=2, alpha=4.0, target_modules=["attention.query"])
+
+
+def test_adapters_are_placed_in_the_training_layout(model_dir):
+    """New adapters start on one device; the run context moves them into their FSDP shards."""
+    from jaxrlhf.config import load_config
+    from jaxrlhf.parallel import TRAINING_RULES, make_mesh
+    from jaxrlhf.runtime import RunContext
+
+    mesh = make_mesh(fsdp=8)
+    model = load_pretrained(model_dir, mesh=mesh, rules=TRAINING_RULES)
+    context = RunContext(load_config(["sft.lora.rank=4"]), mesh, logger=None)
+    context.add_lora(model, context.config.sft.lora)
+    lora_a = model.decoder.layers.attn.q_proj.lora_a.get_value()  # [layers, embed=64, rank]
+    assert lora_a.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+    assert {shard.data.shape for shard in lora_a.addressable_shards} == {(2, 8, 4)}

@@ -58,3 +58,21 @@ def test_sharded_iteration_equals_single_device(tmp_path):
         assert expected.keys() == actual.keys()
         for name in expected:
             np.testing.assert_allclose(actual[name], expected[name], atol=2e-5, err_msg=f"{role}: {name}")
+
+
+def test_lora_ptx_adaptive_kl_and_the_deepspeed_chat_preset(tmp_path):
+    """The other paths of step 3 run: LoRA actor and critic (the reference is the actor's own base
+    with adapters off, so KL starts at exactly 0), the PTX loss, the adaptive KL controller, and
+    DeepSpeed-Chat's preset (score one slot after the answer, no whitening)."""
+    summary, iterations = run(tmp_path, "lora", make_mesh(devices=jax.devices()[:1]), "ppo.num_iterations=2",
+                              "ppo.actor_lora.rank=4", "ppo.critic_lora.rank=4", "ppo.unsup_coef=0.5",
+                              "ppo.adaptive_kl=true", "ppo.kl_target=0.01", "ppo.preset=deepspeed_chat")
+    assert iterations[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # adapters start at zero: actor == reference
+    assert iterations[0]["kl_coef"] == pytest.approx(0.1)  # deepspeed_chat's coefficient...
+    assert iterations[1]["kl_coef"] != pytest.approx(0.1)  # ...then moved by the controller
+    assert all(line["ptx_loss"] > 0 for line in iterations)
+    assert [line["compiles"] for line in iterations[1:]] == [0]
+    preset = load_config(["ppo.preset=deepspeed_chat"]).ppo
+    assert preset.score_position == "after_last" and not preset.whiten_advantages and preset.kl_coef == 0.1
+    actor = weights(tmp_path / "lora" / "ppo" / "actor")
+    assert not any("lora" in name for name in actor)  # adapters merged into the exported kernels
