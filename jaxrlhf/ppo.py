@@ -30,6 +30,7 @@ from jaxrlhf.generation.generate import SamplingSettings
 from jaxrlhf.generation.hybrid_engine import HybridEngine
 from jaxrlhf.metrics import plot_metrics, progress
 from jaxrlhf.models import ValueModel, load_pretrained, load_tokenizer
+from jaxrlhf.parallel.mesh import to_host
 from jaxrlhf.parallel.rules import TRAINING_RULES
 from jaxrlhf.ppo_math import adaptive_kl_update
 from jaxrlhf.ppo_update import PPOState, UpdateSettings, make_ppo_update
@@ -162,7 +163,8 @@ def run_ppo(ctx: RunContext) -> dict[str, float]:
         result = {"rm_score": float(stats["score"]), "kl_to_sft": float(stats["kl"]) if with_actor else 0.0,
                   "answer_length": float(stats["answer_length"])}
         if is_builtin:
-            answers = decode_answers(tokenizer, out.tokens, out.attention_mask, ppo.max_prompt_seq_len)
+            answers = decode_answers(tokenizer, to_host(out.tokens), to_host(out.attention_mask),
+                                     ppo.max_prompt_seq_len)
             result["gold"], result["gold_se"] = mean_and_se([gold_reward(p, a) for p, a in zip(eval_texts, answers)])
             result["sample"] = eval_texts[0].strip() + " ->" + answers[0]
         return result
@@ -233,8 +235,9 @@ def run_ppo(ctx: RunContext) -> dict[str, float]:
     ctx.logger.log(ppo.num_iterations, {k: v for k, v in ppo_eval.items() if k != "sample"}, prefix="ppo/eval_ppo")
     print(f"[ppo] sample before: {sft_eval.get('sample', '')!r}\n[ppo] sample after:  {ppo_eval.get('sample', '')!r}")
     export_roles(ctx, state, actor, critic, reward_model, actor_path, critic_path)
-    plot_metrics(f"{ctx.output_dir}/metrics.jsonl", "ppo",
-                 ["score", "kl", "actor_loss", "critic_loss", "clipfrac", "entropy"], f"{ctx.output_dir}/ppo/ppo.png")
+    if jax.process_index() == 0:
+        plot_metrics(f"{ctx.output_dir}/metrics.jsonl", "ppo",
+                     ["score", "kl", "actor_loss", "critic_loss", "clipfrac", "entropy"], f"{ctx.output_dir}/ppo/ppo.png")
     summary = {"ppo.rm_score_sft": sft_eval["rm_score"], "ppo.rm_score_ppo": ppo_eval["rm_score"],
                "ppo.kl_to_sft": ppo_eval["kl_to_sft"], "ppo.answer_length_ppo": ppo_eval["answer_length"]}
     if is_builtin:

@@ -16,6 +16,8 @@ from jaxrlhf.config import main_config_or_exit, save_resolved_config
 
 def run(config) -> dict[str, float]:
     """Runs `config.steps` in order and returns the merged summary (also in summary.json)."""
+    import jax
+
     from jaxrlhf.metrics import MetricsLogger, format_summary_table, update_summary
     from jaxrlhf.parallel import make_mesh, maybe_initialize_distributed
     from jaxrlhf.reward import run_reward_model
@@ -26,7 +28,8 @@ def run(config) -> dict[str, float]:
                                  config.distributed.num_processes, config.distributed.process_id)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     os.makedirs(config.output_dir, exist_ok=True)
-    save_resolved_config(config, config.output_dir)
+    if jax.process_index() == 0:
+        save_resolved_config(config, config.output_dir)
     runners = {"sft": run_sft, "rm": run_reward_model}
     if "ppo" in config.steps:
         from jaxrlhf.ppo import run_ppo

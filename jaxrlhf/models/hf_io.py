@@ -20,6 +20,7 @@ from jaxrlhf.models.config import LLAMA_FAMILY, DecoderConfig
 from jaxrlhf.models.decoder import CausalLM, ValueModel
 from jaxrlhf.models.layers import LoraParam
 from jaxrlhf.models.safetensors_io import index_checkpoint, write_safetensors
+from jaxrlhf.parallel.mesh import to_host
 from jaxrlhf.parallel.rules import TRAINING_RULES, Rules, state_shardings
 
 # Our module names -> the family's names in HF state dicts.
@@ -161,13 +162,6 @@ def _place(param_path, abstract, refs, config: DecoderConfig, sharding):
     return jax.make_array_from_callback(abstract.shape, sharding, read_slice)
 
 
-def _host_array(array) -> np.ndarray:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-    return np.asarray(jax.device_get(array))
-
-
 def _module_at(model, module_path):
     for name in module_path:
         model = getattr(model, name)
@@ -187,9 +181,9 @@ def save_pretrained(model, path: str, dtype: str | None = None, extra_config: di
         if isinstance(variable, LoraParam):
             continue
         if param_path[-1] == "kernel":  # LoRA adapters, if any, folded in
-            value = _host_array(_module_at(model, param_path[:-1]).merged_kernel())
+            value = to_host(_module_at(model, param_path[:-1]).merged_kernel())
         else:
-            value = _host_array(variable.get_value())
+            value = to_host(variable.get_value())
         stacked = param_path[:2] == ("decoder", "layers")
         name = hf_tensor_name(param_path, config.model_type)
         layout = _kernel_layout(param_path, value.shape[1:] if stacked else value.shape)

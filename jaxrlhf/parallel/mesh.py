@@ -62,3 +62,12 @@ def maybe_initialize_distributed(mode: str = "auto", coordinator_address: str | 
     log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
     return True
+
+
+def to_host(array) -> np.ndarray:
+    """The whole value of a (possibly sharded, possibly multi-process) array as numpy, on every process."""
+    if jax.process_count() > 1 and not array.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(jax.device_get(array))
