@@ -14,4 +14,8 @@ def export_model(model, directory: str, tokenizer_source: str, extra_config: dic
     save_pretrained(model, directory, extra_config=extra)
     if jax.process_index() == 0:
         tokenizer.save_pretrained(directory)
+    if jax.process_count() > 1:  # later steps on every process read what process 0 wrote
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"jaxrlhf export {directory}")
     return directory
