@@ -130,6 +130,7 @@ VALID_LAYOUTS = (*LAYOUTS, BUILTIN_LAYOUT)
 
 
 def _read_table(path: str) -> datasets.Dataset:
+    datasets.disable_progress_bars()  # our own report says what was read; keep stderr for errors
     if not os.path.exists(path):
         raise FileNotFoundError(f"data source not found: {path}")
     if os.path.isdir(path):
