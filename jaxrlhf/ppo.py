@@ -28,6 +28,7 @@ from jaxrlhf.experience import RewardSettings, make_experience_fn
 from jaxrlhf.export import export_model
 from jaxrlhf.generation.generate import SamplingSettings
 from jaxrlhf.generation.hybrid_engine import HybridEngine
+from jaxrlhf.generation.prompting import decode_answers
 from jaxrlhf.metrics import plot_metrics, progress
 from jaxrlhf.models import ValueModel, load_pretrained, load_tokenizer
 from jaxrlhf.parallel.mesh import to_host
@@ -71,15 +72,6 @@ def sampling_settings(config, tokenizer) -> SamplingSettings:
                             max_new_tokens=config.ppo.max_answer_seq_len, min_new_tokens=g.min_new_tokens,
                             temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, greedy=g.greedy,
                             attention=attention)
-
-
-def decode_answers(tokenizer, tokens, attention_mask, prompt_len: int) -> list[str]:
-    """Answer texts from the answer mask (never from token ids), without the EOS token."""
-    texts = []
-    for row, mask in zip(np.asarray(tokens)[:, prompt_len:], np.asarray(attention_mask)[:, prompt_len:]):
-        ids = [int(t) for t, m in zip(row, mask) if m and t != tokenizer.eos_token_id]
-        texts.append(tokenizer.decode(ids))
-    return texts
 
 
 def mean_and_se(values) -> tuple[float, float]:

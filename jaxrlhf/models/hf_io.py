@@ -218,6 +218,8 @@ def load_tokenizer(path: str):
     import transformers
 
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: model directory does not exist")
     if not any(os.path.exists(os.path.join(path, name)) for name in names):
         raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
     return transformers.AutoTokenizer.from_pretrained(path)

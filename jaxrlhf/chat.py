@@ -1,0 +1,68 @@
+"""python -m jaxrlhf.chat MODEL_DIR: multi-turn chat on stdin/stdout (DeepSpeed-Chat's chatbot).
+
+The conversation is kept in the Anthropic-HH format the models are trained on
+("\\n\\nHuman: ...\\n\\nAssistant: ..."); `clear` forgets it, `quit` or end of input ends.
+Long conversations keep their most recent tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxrlhf.generation.prompting import TextGenerator
+
+HUMAN, ASSISTANT = "\n\nHuman: ", "\n\nAssistant:"
+
+
+def conversation_prompt(history: list[tuple[str, str]], user_text: str) -> str:
+    """Every earlier turn, then the new question, ending where the assistant speaks."""
+    turns = "".join(f"{HUMAN}{question}{ASSISTANT} {answer}" for question, answer in history)
+    return f"{turns}{HUMAN}{user_text}{ASSISTANT}"
+
+
+def clean_answer(answer: str) -> str:
+    """The answer up to where the model starts writing the next human turn, if it does."""
+    return answer.split("Human:")[0].strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxrlhf.chat", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--greedy", action="store_true")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--tensor-parallel", type=int, default=1)
+    args = parser.parse_args(argv)
+    try:
+        generator = TextGenerator(args.model_dir, args.dtype, args.tensor_parallel, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                  greedy=args.greedy)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    interactive = sys.stdin.isatty()
+    history: list[tuple[str, str]] = []
+    while True:
+        if interactive:
+            print('Human (type "quit" to exit, "clear" to start over): ', end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "quit":
+            return 0
+        text = line.strip()
+        if text == "clear":
+            history = []
+            print("(conversation cleared)", flush=True)
+            continue
+        if not text:
+            continue
+        answer = clean_answer(generator.answers([conversation_prompt(history, text)])[0])
+        history.append((text, answer))
+        print(f"Assistant: {answer}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""From prompt strings to a left-padded batch, and from generated tokens back to answer text."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def left_padded_batch(tokenizer, prompts: list[str], max_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """int32 ids and mask [batch, width]: prompts right-aligned (generation continues from the last
+    column); a prompt longer than `max_len` keeps its last `max_len` tokens."""
+    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    if max_len is not None:
+        encoded = [ids[-max_len:] for ids in encoded]
+    width = max(len(ids) for ids in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = np.full((len(prompts), width), pad, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for row, tokens in enumerate(encoded):
+        ids[row, width - len(tokens):] = tokens
+        mask[row, width - len(tokens):] = 1
+    return ids, mask
+
+
+def decode_answers(tokenizer, tokens, attention_mask, prompt_len: int) -> list[str]:
+    """Answer texts read by the answer mask (never by token ids, since pad may equal EOS), EOS dropped."""
+    texts = []
+    for row, mask in zip(np.asarray(tokens)[:, prompt_len:], np.asarray(attention_mask)[:, prompt_len:]):
+        ids = [int(t) for t, m in zip(row, mask) if m and t != tokenizer.eos_token_id]
+        texts.append(tokenizer.decode(ids))
+    return texts
+
+
+class TextGenerator:
+    """A Hugging Face model directory that answers prompt strings (chat, prompt_eval)."""
+
+    def __init__(self, model_dir: str, dtype: str = "float32", tensor_parallel: int = 1, **sampling):
+        import jax
+        from flax import nnx
+
+        from jaxrlhf.generation.generate import SamplingSettings
+        from jaxrlhf.models import load_pretrained, load_tokenizer
+        from jaxrlhf.parallel import GENERATION_RULES, make_mesh, shard_model
+
+        self.tokenizer = load_tokenizer(model_dir)
+        model = load_pretrained(model_dir, dtype=dtype, param_dtype=dtype)
+        if tensor_parallel > 1:
+            model = shard_model(model, GENERATION_RULES, make_mesh(data=1, fsdp=-1, tensor=tensor_parallel))
+        self.graphdef, self.state = nnx.split(model)
+        self.max_len = model.config.max_position_embeddings
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        self.settings = SamplingSettings(eos_id=eos, pad_id=eos if pad is None else pad, **sampling)
+        self.key = jax.random.key(0)
+
+    def answers(self, prompts: list[str]) -> list[str]:
+        import jax
+
+        from jaxrlhf.generation.generate import generate_from_state
+
+        room = self.max_len - self.settings.max_new_tokens
+        ids, mask = left_padded_batch(self.tokenizer, prompts, max_len=room)
+        self.key, key = jax.random.split(self.key)
+        out = generate_from_state(self.graphdef, self.state, ids, mask, key, self.settings)
+        return decode_answers(self.tokenizer, out.tokens, out.attention_mask, ids.shape[1])

@@ -1,0 +1,188 @@
+"""Generation throughput: our prefill + jitted decode loop against transformers' `generate`.
+
+Random weights of a given shape go to both (built with transformers' config classes and loaded
+by us from its `save_pretrained` directory). Reports prefill and decode tokens/s, the decode
+step's roofline ratio (bytes of weights plus KV cache read per step over the measured step time,
+against the device's memory bandwidth), and ours/transformers for end-to-end generate tokens/s.
+
+    PYTHONPATH=$PWD JAX_PLATFORMS=cpu python scripts/bench_generate.py --hidden 256 --layers 4 --batch 8
+    PYTHONPATH=$PWD python scripts/bench_generate.py --hidden 2048 --layers 16 --heads 32 --kv-heads 8 \\
+        --intermediate 8192 --vocab 32000 --batch 32 --prompt-len 512 --new-tokens 256 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+
+BANDWIDTH = {"NVIDIA H100 80GB HBM3": 3.35e12, "NVIDIA H200": 4.8e12, "NVIDIA A100-SXM4-80GB": 2.0e12}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-type", default="llama", choices=["llama", "opt"])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=None)
+    parser.add_argument("--intermediate", type=int, default=None)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--attention", default="reference", choices=["reference", "pallas"])
+    parser.add_argument("--tensor-parallel", type=int, default=1)
+    parser.add_argument("--bandwidth", type=float, help="device memory bandwidth in bytes/s (else from a table)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--append", help="append the result row to this markdown file")
+    return parser.parse_args(argv)
+
+
+def hf_config(args):
+    import transformers
+
+    intermediate = args.intermediate or 4 * args.hidden
+    max_len = args.prompt_len + args.new_tokens
+    if args.model_type == "opt":
+        return transformers.OPTConfig(vocab_size=args.vocab, hidden_size=args.hidden, ffn_dim=intermediate,
+                                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                                      max_position_embeddings=max_len, eos_token_id=args.vocab - 1, pad_token_id=1)
+    return transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=intermediate,
+                                    num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                                    num_key_value_heads=args.kv_heads or args.heads, max_position_embeddings=max_len,
+                                    eos_token_id=args.vocab - 1, pad_token_id=0)
+
+
+def best_of(repeats, fn):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def time_ours(path, args, ids, mask):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxrlhf.generation.generate import SamplingSettings, generate_from_state
+    from jaxrlhf.models import KVCache, load_pretrained, positions_from_mask
+    from jaxrlhf.parallel import GENERATION_RULES, batch_sharding, make_mesh, shard_model
+
+    model = load_pretrained(path, dtype=args.dtype, param_dtype=args.dtype)
+    if args.tensor_parallel > 1:
+        mesh = make_mesh(data=1, fsdp=-1, tensor=args.tensor_parallel)
+        model = shard_model(model, GENERATION_RULES, mesh)
+        ids, mask = jax.device_put((jnp.asarray(ids), jnp.asarray(mask)), batch_sharding(mesh, 2, GENERATION_RULES))
+    graphdef, state = nnx.split(model)
+    config = model.config
+    settings = SamplingSettings(eos_id=args.vocab - 1, pad_id=0, max_new_tokens=args.new_tokens,
+                                min_new_tokens=args.new_tokens, greedy=True, attention=args.attention)
+
+    @jax.jit
+    def prefill(state, ids, mask):
+        model = nnx.merge(graphdef, state)
+        cache = KVCache.zeros(config, ids.shape[0], ids.shape[1] + args.new_tokens)
+        key_valid = jnp.pad(mask, ((0, 0), (0, args.new_tokens)))
+        hidden, cache = model.decoder(ids, mask, positions_from_mask(mask), cache=cache, write_index=0,
+                                      key_valid=key_valid)
+        return model.logits(hidden[:, -1:]), cache
+
+    run_prefill = lambda: jax.block_until_ready(prefill(state, ids, mask))
+    run_generate = lambda: jax.block_until_ready(
+        generate_from_state(graphdef, state, ids, mask, jax.random.key(0), settings))
+    run_prefill(), run_generate()  # compile
+    prefill_s = best_of(args.repeats, run_prefill)
+    generate_s = best_of(args.repeats, run_generate)
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    return prefill_s, generate_s, weight_bytes, config
+
+
+def time_torch(path, args, ids, mask):
+    import torch
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    inputs = {"input_ids": torch.tensor(ids, dtype=torch.long, device=device),
+              "attention_mask": torch.tensor(mask, dtype=torch.long, device=device)}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for cache in ("static", "dynamic"):
+        kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                      pad_token_id=model.config.pad_token_id)
+        if cache == "static":
+            kwargs["cache_implementation"] = "static"
+        try:
+            with torch.no_grad():
+                model.generate(**inputs, **kwargs)
+                sync()
+
+                def run():
+                    model.generate(**inputs, **kwargs)
+                    sync()
+
+                return best_of(args.repeats, run), cache
+        except Exception as error:  # static cache unsupported for this model or version
+            print(f"transformers {cache} cache failed ({type(error).__name__}); trying the next", file=sys.stderr)
+    raise RuntimeError("transformers generate failed with both caches")
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    import jax
+    import numpy as np
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(hf_config(args))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(2, args.vocab - 1, (args.batch, args.prompt_len)).astype(np.int32)
+    mask = np.ones_like(ids)
+    for row in range(0, args.batch, 2):  # mixed prompt lengths: every other row left-padded by a quarter
+        mask[row, : args.prompt_len // 4] = 0
+    ids = np.where(mask == 1, ids, 0).astype(np.int32)
+    with tempfile.TemporaryDirectory() as path:
+        reference.save_pretrained(path)
+        n_params = sum(p.numel() for p in reference.parameters())
+        del reference
+        prefill_s, generate_s, weight_bytes, config = time_ours(path, args, ids, mask)
+        torch_s, cache = (None, "-") if args.no_torch else time_torch(path, args, ids, mask)
+
+    steps = args.new_tokens - 1
+    step_s = (generate_s - prefill_s) / steps
+    itemsize = 2 if args.dtype == "bfloat16" else 4
+    average_len = mask.sum(1).mean() + args.new_tokens / 2
+    kv_bytes = 2 * config.num_layers * args.batch * average_len * config.num_kv_heads * config.head_dim * itemsize
+    achieved = (weight_bytes + kv_bytes) / step_s
+    device = jax.devices()[0].device_kind
+    bandwidth = args.bandwidth or BANDWIDTH.get(device)
+    roofline = f"{achieved / bandwidth:.1%}" if bandwidth else "n/a"
+    new_tokens = args.batch * args.new_tokens
+    ours_tps = new_tokens / generate_s
+    ratio = f"{torch_s / generate_s:.2f}x" if torch_s else "n/a"
+    torch_tps = f"{new_tokens / torch_s:,.0f} ({cache})" if torch_s else "n/a"
+    row = (f"| {device} x{jax.device_count()} | {args.model_type} {n_params / 1e6:.1f}M | {args.batch}x{args.prompt_len}"
+           f"+{args.new_tokens} | {args.dtype} | {args.attention} | {args.batch * args.prompt_len / prefill_s:,.0f} "
+           f"| {args.batch / step_s:,.0f} | {achieved / 1e9:.1f} GB/s ({roofline}) | {ours_tps:,.0f} | {torch_tps} "
+           f"| {ratio} |")
+    print("| device | model | batch x prompt+new | dtype | attention | prefill tok/s | decode tok/s "
+          "| decode bytes/s (of roofline) | ours generate tok/s | transformers tok/s | ours/transformers |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(row)
+    if args.append:
+        versions = f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}"
+        command = "python scripts/bench_generate.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        with open(args.append, "a") as f:
+            f.write(f"{row}  <!-- {versions}; `{command}` -->\n")
+
+
+if __name__ == "__main__":
+    main()
