@@ -107,3 +107,17 @@ def test_schedule_warms_up_then_decays():
     schedule = learning_rate_schedule(OPTIMIZER, total_steps=10)
     assert float(schedule(0)) == 0.0 and abs(float(schedule(2)) - 1e-2) < 1e-9
     assert abs(float(schedule(10)) - 1e-3) < 1e-9
+
+
+def test_packed_rows_equal_separate_rows(model_dir):
+    """Two examples packed into one row (segment ids, positions restarting) see only themselves."""
+    model = load_pretrained(model_dir)
+    first, second = np.arange(3, 10), np.arange(20, 25)  # 7 and 5 tokens
+    packed = jnp.asarray(np.concatenate([first, second])[None])
+    segments = jnp.asarray(np.array([[1] * 7 + [2] * 5]))
+    positions = jnp.asarray(np.concatenate([np.arange(7), np.arange(5)])[None])
+    together = model(packed, jnp.ones_like(packed), positions, segments)[0]
+    alone_first = model(jnp.asarray(first[None]), jnp.ones((1, 7), jnp.int32))[0]
+    alone_second = model(jnp.asarray(second[None]), jnp.ones((1, 5), jnp.int32))[0]
+    np.testing.assert_allclose(together[:7], alone_first, atol=1e-5)
+    np.testing.assert_allclose(together[7:], alone_second, atol=1e-5)
