@@ -94,7 +94,7 @@ def run_ppo(ctx: RunContext) -> dict[str, float]:
                                               cache_dir=ctx.cache_dir)
     replicas = ctx.mesh.shape["data"] * ctx.mesh.shape["fsdp"]
     n_eval = min(ppo.eval_prompts, len(eval_kept)) // replicas * replicas
-    eval_batch = {name: array[:n_eval] for name, array in eval_arrays.items()}
+    eval_batch = {name: eval_arrays[name][:n_eval] for name in ("prompt_ids", "prompt_mask")}
     eval_texts = [data.eval[int(i)].prompt for i in eval_kept[:n_eval]]
     print(f"[ppo] {len(train_prompts['prompt_ids'])} train prompts, {n_eval} eval prompts; {data.report}", flush=True)
 
@@ -150,7 +150,8 @@ def run_ppo(ctx: RunContext) -> dict[str, float]:
     def evaluate_policy(states: dict, with_actor: bool) -> dict[str, float]:
         """Samples answers to the eval prompts (same key each time) and scores them."""
         actor_states = states["actor"] if with_actor else states["reference"]
-        out, _ = engine.generate(actor_states, *ctx.device_batch(eval_batch).values(), eval_key)
+        prompts = ctx.device_batch(eval_batch)
+        out, _ = engine.generate(actor_states, prompts["prompt_ids"], prompts["prompt_mask"], eval_key)
         _, stats = experience_fn(states, out.tokens, out.attention_mask, 0.0)
         result = {"rm_score": float(stats["score"]), "kl_to_sft": float(stats["kl"]) if with_actor else 0.0,
                   "answer_length": float(stats["answer_length"])}
