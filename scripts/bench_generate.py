@@ -153,7 +153,9 @@ def main(argv=None):
         reference.save_pretrained(path)
         n_params = sum(p.numel() for p in reference.parameters())
         del reference
+        print(f"{n_params / 1e6:.1f}M parameters; compiling and timing ours", file=sys.stderr)
         prefill_s, generate_s, weight_bytes, config = time_ours(path, args, ids, mask)
+        print("timing transformers generate", file=sys.stderr)
         torch_s, cache = (None, "-") if args.no_torch else time_torch(path, args, ids, mask)
 
     steps = args.new_tokens - 1

@@ -40,10 +40,22 @@ def test_conversation_prompt_carries_earlier_turns():
 
 
 def test_chat_over_a_pipe(model_dirs, monkeypatch, capsys):
-    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\nclear\nhow are you\nquit\n"))
+    prompts_seen, answers_given = [], []
+    real_answers = chat.TextGenerator.answers
+
+    def recording_answers(self, prompts):
+        prompts_seen.extend(prompts)
+        answers_given.extend(real_answers(self, prompts))
+        return answers_given[-len(prompts):]
+
+    monkeypatch.setattr(chat.TextGenerator, "answers", recording_answers)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\nhow are you\nclear\nbye\nquit\nnever read\n"))
     assert chat.main([model_dirs[0], "--greedy", "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
-    assert out.count("Assistant:") == 2 and "(conversation cleared)" in out
+    assert out.count("Assistant:") == 3 and "(conversation cleared)" in out
+    first_turn = ("hello there", chat.clean_answer(answers_given[0]))
+    assert prompts_seen[1] == chat.conversation_prompt([first_turn], "how are you")
+    assert prompts_seen[2] == chat.conversation_prompt([], "bye")  # `clear` forgot the first two turns
 
 
 def test_prompt_eval_side_by_side(model_dirs, tmp_path, capsys):
