@@ -17,44 +17,23 @@ import sys
 import tempfile
 import time
 
+from bench_common import add_model_flags, hf_config
+
 BANDWIDTH = {"NVIDIA H100 80GB HBM3": 3.35e12, "NVIDIA H200": 4.8e12, "NVIDIA A100-SXM4-80GB": 2.0e12}
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-type", default="llama", choices=["llama", "opt"])
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=None)
-    parser.add_argument("--intermediate", type=int, default=None)
-    parser.add_argument("--vocab", type=int, default=8192)
+    add_model_flags(parser)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--attention", default="reference", choices=["reference", "pallas"])
     parser.add_argument("--tensor-parallel", type=int, default=1)
     parser.add_argument("--bandwidth", type=float, help="device memory bandwidth in bytes/s (else from a table)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-torch", action="store_true")
-    parser.add_argument("--append", help="append the result row to this markdown file")
     return parser.parse_args(argv)
-
-
-def hf_config(args):
-    import transformers
-
-    intermediate = args.intermediate or 4 * args.hidden
-    max_len = args.prompt_len + args.new_tokens
-    if args.model_type == "opt":
-        return transformers.OPTConfig(vocab_size=args.vocab, hidden_size=args.hidden, ffn_dim=intermediate,
-                                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                                      max_position_embeddings=max_len, eos_token_id=args.vocab - 1, pad_token_id=1)
-    return transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=intermediate,
-                                    num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                                    num_key_value_heads=args.kv_heads or args.heads, max_position_embeddings=max_len,
-                                    eos_token_id=args.vocab - 1, pad_token_id=0)
 
 
 def best_of(repeats, fn):
@@ -142,7 +121,8 @@ def main(argv=None):
     import transformers
 
     torch.manual_seed(0)
-    reference = transformers.AutoModelForCausalLM.from_config(hf_config(args))
+    shape = hf_config(args, max_len=args.prompt_len + args.new_tokens)
+    reference = transformers.AutoModelForCausalLM.from_config(shape)
     rng = np.random.default_rng(0)
     ids = rng.integers(2, args.vocab - 1, (args.batch, args.prompt_len)).astype(np.int32)
     mask = np.ones_like(ids)

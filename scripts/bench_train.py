@@ -18,36 +18,17 @@ import tempfile
 import time
 import types
 
+from bench_common import add_model_flags, hf_config
+
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-type", default="llama", choices=["llama", "opt"])
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=None)
-    parser.add_argument("--intermediate", type=int, default=None)
-    parser.add_argument("--vocab", type=int, default=8192)
+    add_model_flags(parser)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
-    parser.add_argument("--append", help="append the result row to this markdown file")
     return parser.parse_args(argv)
-
-
-def hf_config(args):
-    import transformers
-
-    intermediate = args.intermediate or 4 * args.hidden
-    if args.model_type == "opt":
-        return transformers.OPTConfig(vocab_size=args.vocab, hidden_size=args.hidden, ffn_dim=intermediate,
-                                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                                      max_position_embeddings=args.seq)
-    return transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=intermediate,
-                                    num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                                    num_key_value_heads=args.kv_heads or args.heads, max_position_embeddings=args.seq)
 
 
 def time_ours(path, args, batch):
@@ -114,7 +95,7 @@ def main(argv=None):
 
     from jaxrlhf.runtime import PEAK_FLOPS, training_flops_per_token
 
-    config = hf_config(args)
+    config = hf_config(args, max_len=args.seq)
     torch.manual_seed(0)
     reference = transformers.AutoModelForCausalLM.from_config(config)
     n_params = sum(p.numel() for p in reference.parameters())
