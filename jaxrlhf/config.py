@@ -288,7 +288,10 @@ class PPOConfig:
             getattr(self, section).validate(f"{key}.{section}")
         for section in ("actor_lora", "critic_lora"):
             getattr(self, section).validate(f"{key}.{section}")
-        _at_least(self, key, 0, "kl_coef", "entropy_coef", "unsup_coef", "num_iterations", "eval_prompts")
+        _at_least(self, key, 0, "kl_coef", "entropy_coef", "unsup_coef", "num_iterations")
+        _at_least(self, key, 1, "eval_prompts")
+        _require_master_weights(self.actor_model, self.actor_lora, f"{key}.actor_model")
+        _require_master_weights(self.critic_model, self.critic_lora, f"{key}.critic_model")
         _at_least(self, key, 1, "kl_horizon", "ppo_epochs", "num_minibatches", "grad_accum_steps",
                   "prompts_per_iteration", "max_prompt_seq_len", "max_answer_seq_len")
         for name in ("kl_target", "clip_reward_value", "cliprange", "cliprange_value"):
@@ -510,6 +513,14 @@ def _at_least(section: object, key: str, minimum: float, *names: str) -> None:
         _require(value >= minimum, f"{key}.{name}" if key else name, f"must be >= {minimum}, got {value}")
 
 
+def _require_master_weights(model: ModelConfig, lora: LoRAConfig, key: str) -> None:
+    """Trained weights stay float32 (Adam updates vanish in bfloat16); a bfloat16 base is fine
+    only when LoRA freezes it. Compute in bfloat16 with dtype=bfloat16."""
+    _require(model.param_dtype == "float32" or lora.rank > 0, f"{key}.param_dtype",
+             f"must be float32 for full fine-tuning (master weights), got {model.param_dtype}; "
+             "use dtype=bfloat16 for bfloat16 compute, or LoRA to keep a bfloat16 base frozen")
+
+
 def _validate_training(stage: SFTConfig | RMConfig, key: str) -> None:
     """The checks SFT and RM share: model, optimizer, LoRA, batch and loop sizes."""
     stage.model.validate(f"{key}.model")
@@ -517,7 +528,9 @@ def _validate_training(stage: SFTConfig | RMConfig, key: str) -> None:
     stage.lora.validate(f"{key}.lora")
     _at_least(stage, key, 1, "batch_size", "grad_accum_steps")
     _at_least(stage, key, 2, "max_seq_len")
-    _at_least(stage, key, 0, "max_steps", "eval_every", "eval_batches")
+    _at_least(stage, key, 0, "max_steps", "eval_every")
+    _at_least(stage, key, 1, "eval_batches")
+    _require_master_weights(stage.model, stage.lora, f"{key}.model")
     _require(stage.batch_size % stage.grad_accum_steps == 0, f"{key}.grad_accum_steps",
              f"{stage.grad_accum_steps} does not divide batch_size={stage.batch_size}")
 

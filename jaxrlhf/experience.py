@@ -73,7 +73,8 @@ def make_experience(actor, reference, critic, reward_model, tokens, attention_ma
         kept = jnp.ones_like(answer_lengths)
         scores = jnp.where(long_enough, scores, settings.short_answer_penalty)
     action_mask = action_mask * kept[:, None]
-    span_mask = reward_span_mask(action_mask, score_position=settings.score_position)
+    # a dropped row has no answer actions, and no score slot either
+    span_mask = reward_span_mask(action_mask, score_position=settings.score_position) * kept[:, None]
     kl = kl_penalty(old_logprobs, ref_logprobs, settings.kl_estimator)
     rewards = token_rewards(kl, scores, action_mask, kl_coef=kl_coef, clip_reward_value=settings.clip_reward_value,
                             score_position=settings.score_position)

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxrlhf.checkpoint import Checkpointer
 from jaxrlhf.compile_counter import CompileCounter
 from jaxrlhf.data.batches import BatchIterator, BatchPosition
 from jaxrlhf.data.builtin import builtin_pretraining_texts, gold_reward
@@ -94,7 +93,9 @@ def run_ppo(ctx: RunContext) -> dict[str, float]:
                                               cache_dir=ctx.cache_dir)
     replicas = ctx.mesh.shape["data"] * ctx.mesh.shape["fsdp"]
     n_eval = min(ppo.eval_prompts, len(eval_kept)) // replicas * replicas
-    eval_batch = {name: eval_arrays[name][:n_eval] for name in ("prompt_ids", "prompt_mask")}
+    rows = n_eval // jax.process_count()  # each process feeds its own rows of the global eval batch
+    mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+    eval_batch = {name: eval_arrays[name][:n_eval][mine] for name in ("prompt_ids", "prompt_mask")}
     eval_texts = [data.eval[int(i)].prompt for i in eval_kept[:n_eval]]
     print(f"[ppo] {len(train_prompts['prompt_ids'])} train prompts, {n_eval} eval prompts; {data.report}", flush=True)
 
@@ -162,13 +163,11 @@ def run_ppo(ctx: RunContext) -> dict[str, float]:
             result["sample"] = eval_texts[0].strip() + " ->" + answers[0]
         return result
 
-    checkpointer = Checkpointer(ctx.step_dir("ppo", "checkpoints"), keep=config.checkpoint.keep,
-                                every_steps=config.checkpoint.every_steps)
+    checkpointer, latest = ctx.open_checkpoints("ppo")
     saved = lambda s: {"actor": {"step": s.actor.step, "params": s.actor.params, "opt_state": s.actor.opt_state},
                        "critic": {"step": s.critic.step, "params": s.critic.params, "opt_state": s.critic.opt_state},
                        "ema": s.ema}
     kl_coef, start = ppo.kl_coef, 0
-    latest = checkpointer.latest_step() if config.resume != "never" else None
     if latest is not None:
         restored, metadata = checkpointer.restore(saved(state))
         state = PPOState(dataclasses.replace(state.actor, **restored["actor"]),

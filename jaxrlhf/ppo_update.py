@@ -52,11 +52,16 @@ def actor_objective(settings: UpdateSettings):
         experience: Experience = batch["experience"]
         logits = model(experience.tokens, experience.attention_mask)
         logprobs = next_token_logprobs(logits, experience.tokens)
-        loss, stats = actor_loss(logprobs, experience.old_logprobs, experience.advantages, experience.action_mask,
-                                 cliprange=settings.cliprange, dual_clip=settings.dual_clip)
-        entropy = entropy_from_logits(logits[:, :-1], experience.action_mask)
-        metrics = {"actor_loss": loss, "entropy": entropy, **stats}
-        loss = loss - settings.entropy_coef * entropy
+        surrogate, stats = actor_loss(logprobs, experience.old_logprobs, experience.advantages,
+                                      experience.action_mask, cliprange=settings.cliprange,
+                                      dual_clip=settings.dual_clip)
+        loss = surrogate
+        if settings.entropy_coef:
+            entropy = entropy_from_logits(logits[:, :-1], experience.action_mask)
+            loss = loss - settings.entropy_coef * entropy
+        else:  # a metric only: no [batch, seq, vocab] entropy backward pass
+            entropy = entropy_from_logits(jax.lax.stop_gradient(logits[:, :-1]), experience.action_mask)
+        metrics = {"actor_loss": surrogate, "entropy": entropy, **stats}
         if settings.unsup_coef > 0:
             ptx_loss, _ = language_model_loss(model, batch["ptx"])
             loss = loss + settings.unsup_coef * ptx_loss
@@ -70,7 +75,8 @@ def critic_objective(settings: UpdateSettings):
     def loss_fn(model, batch):
         experience: Experience = batch["experience"]
         values = model(experience.tokens, experience.attention_mask)[:, :-1]
-        loss, stats = value_loss(values, experience.old_values, experience.returns, experience.span_mask,
+        # over the answer's actions, as DeepSpeed-Chat: never the extra "after_last" score slot
+        loss, stats = value_loss(values, experience.old_values, experience.returns, experience.action_mask,
                                  cliprange_value=settings.cliprange_value)
         return loss, {"critic_loss": loss, **stats}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 
 import jax
@@ -11,6 +12,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxrlhf.checkpoint import Checkpointer
 from jaxrlhf.config import RunConfig
 from jaxrlhf.data.split import step_records
 from jaxrlhf.metrics import MetricsLogger
@@ -68,6 +70,21 @@ class RunContext:
         return step_records(resolved(data.sources), step, data.data_split, data.eval_fraction, data.seed,
                             resolved(data.eval_sources))
 
+    def open_checkpoints(self, step: str) -> tuple[Checkpointer, int | None]:
+        """The step's checkpointer and the step to resume from, under the run's resume policy:
+        "never" deletes the step's old checkpoints (this run starts over), "always" requires one."""
+        directory = self.step_dir(step, "checkpoints")
+        if self.config.resume == "never" and jax.process_index() == 0 and os.path.exists(directory):
+            print(f"[{step}] resume=never: removing the old checkpoints in {directory}", flush=True)
+            shutil.rmtree(directory)
+        barrier(f"jaxrlhf checkpoints {directory}")
+        checkpointer = Checkpointer(directory, keep=self.config.checkpoint.keep,
+                                    every_steps=self.config.checkpoint.every_steps)
+        latest = checkpointer.latest_step() if self.config.resume != "never" else None
+        if self.config.resume == "always" and latest is None:
+            raise FileNotFoundError(f"resume=always but {directory} has no checkpoint")
+        return checkpointer, latest
+
     def add_lora(self, model, lora) -> None:
         """Adds the configured adapters (if rank > 0), placed in the training layout like the rest
         of the model (new adapters are created on one device), in place."""
@@ -80,6 +97,14 @@ class RunContext:
         """This process's rows of a global batch -> global arrays sharded over the data axes."""
         return {name: jax.make_array_from_process_local_data(batch_sharding(self.mesh, array.ndim), array)
                 for name, array in local_rows.items()}
+
+
+def barrier(name: str) -> None:
+    """All processes wait here (a no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def maybe_kill_after_checkpoint(step: int) -> None:

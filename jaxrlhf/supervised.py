@@ -15,7 +15,6 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxrlhf.checkpoint import Checkpointer
 from jaxrlhf.data.batches import BatchIterator, BatchPosition
 from jaxrlhf.metrics import progress
 from jaxrlhf.runtime import (RunContext, count_params, maybe_kill_after_checkpoint, throughput,
@@ -73,26 +72,22 @@ def train_supervised(ctx: RunContext, job: SupervisedJob, model: nnx.Module):
     eval_step = make_eval_step(graphdef, job.loss_fn)
     iterator = BatchIterator(job.train_arrays, stage.batch_size, seed=job.data_seed,
                              process_index=jax.process_index(), process_count=jax.process_count())
-    checkpointer = Checkpointer(ctx.step_dir(job.name, "checkpoints"), keep=config.checkpoint.keep,
-                                every_steps=config.checkpoint.every_steps)
+    checkpointer, latest = ctx.open_checkpoints(job.name)
 
     def saved(state):
         return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
 
+    evaluate_now = lambda: evaluate(ctx, eval_step, state.params, state.frozen, job.eval_arrays,
+                                    stage.batch_size, stage.eval_batches)
     start = 0
-    latest = checkpointer.latest_step() if config.resume != "never" else None
-    if config.resume == "always" and latest is None:
-        raise FileNotFoundError(f"resume=always but {checkpointer.directory} has no checkpoint")
     if latest is not None:
         restored, metadata = checkpointer.restore(saved(state))
         state = dataclasses.replace(state, **restored)
         iterator.position = BatchPosition(**metadata["position"])
-        start = int(restored["step"])
+        start, first_eval = int(restored["step"]), metadata["first_eval"]
         print(f"[{job.name}] resumed from step {start} ({checkpointer.directory})", flush=True)
-
-    evaluate_now = lambda: evaluate(ctx, eval_step, state.params, state.frozen, job.eval_arrays,
-                                    stage.batch_size, stage.eval_batches)
-    first_eval = evaluate_now()
+    else:
+        first_eval = evaluate_now()  # before any training: kept in every checkpoint for the summary
     ctx.logger.log(start, first_eval, prefix=f"{job.name}/eval")
     flops_per_token = training_flops_per_token(count_params(state.params) + count_params(state.frozen),
                                                model_config.num_layers, model_config.hidden_size, stage.max_seq_len)
@@ -113,8 +108,8 @@ def train_supervised(ctx: RunContext, job: SupervisedJob, model: nnx.Module):
             tokens, clock = 0, time.perf_counter()
         if stage.eval_every and done % stage.eval_every == 0 and done != steps:
             ctx.logger.log(done, evaluate_now(), prefix=f"{job.name}/eval")
-        if checkpointer.save(done, saved(state), {"position": dataclasses.asdict(iterator.position)},
-                             force=done == steps):
+        metadata = {"position": dataclasses.asdict(iterator.position), "first_eval": first_eval}
+        if checkpointer.save(done, saved(state), metadata, force=done == steps):
             maybe_kill_after_checkpoint(done)
     bar.close()
     last_eval = evaluate_now()

@@ -42,8 +42,9 @@ def learning_rate_schedule(optimizer_config, total_steps: int) -> optax.Schedule
 
 def make_optimizer(optimizer_config, total_steps: int) -> optax.GradientTransformation:
     """AdamW with global-norm clipping (norm computed in float32)."""
+    clip = optimizer_config.max_grad_norm
     return optax.chain(
-        optax.clip_by_global_norm(optimizer_config.max_grad_norm),
+        optax.clip_by_global_norm(clip) if clip > 0 else optax.identity(),  # 0 = no clipping
         optax.adamw(learning_rate_schedule(optimizer_config, total_steps), b1=optimizer_config.b1,
                      b2=optimizer_config.b2, eps=optimizer_config.eps, weight_decay=optimizer_config.weight_decay),
     )

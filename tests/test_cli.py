@@ -63,11 +63,13 @@ def test_rw_eval_scores_a_pairs_file(reward_model_dir, tmp_path):
     assert "3 pairs from" in result.stdout and "accuracy" in result.stdout
 
 
-def test_rw_eval_names_the_malformed_row(reward_model_dir, tmp_path):
+@pytest.mark.parametrize("bad_row", [{"prompt": "a", "chosen": "b"}, {"prompt": "a", "chosen": "b", "rejected": ""}],
+                         ids=["missing-rejected", "empty-rejected"])
+def test_rw_eval_names_the_malformed_row(reward_model_dir, tmp_path, bad_row):
     bad = tmp_path / "bad.jsonl"
-    write_jsonl(bad, [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b", "rejected": "c"},
-                      {"prompt": "a", "chosen": "b", "rejected": ""}])
+    good_row = {"prompt": "a", "chosen": "b", "rejected": "c"}
+    write_jsonl(bad, [good_row, good_row, bad_row])
     result = cli("jaxrlhf.rw_eval", reward_model_dir, "--pairs", str(bad), "--layout", "rm-static")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"{bad}:2" in lines[0], result.stderr
+    assert len(lines) == 1 and f"{bad}:2" in lines[0] and "rejected" in lines[0], result.stderr  # 0-based row index

@@ -55,3 +55,15 @@ def test_adapters_are_placed_in_the_training_layout(model_dir):
     lora_a = model.decoder.layers.attn.q_proj.lora_a.get_value()  # [layers, embed=64, rank]
     assert lora_a.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
     assert {shard.data.shape for shard in lora_a.addressable_shards} == {(2, 8, 4)}
+
+
+def test_lora_trains_a_value_models_head(model_dir):
+    from jaxrlhf.models import ValueModel
+    from jaxrlhf.training import split_for_training
+
+    model = load_pretrained(model_dir, model_cls=ValueModel)
+    apply_lora(model, rank=2, alpha=4.0, target_modules=["q_proj"])
+    _, trainable, frozen = split_for_training(model, lora_rank=2)
+    names = {".".join(path) for path, _ in nnx.to_flat_state(trainable)}
+    assert "value_head.kernel" in names and "decoder.layers.attn.q_proj.lora_a" in names
+    assert not any("value_head" in ".".join(path) for path, _ in nnx.to_flat_state(frozen))

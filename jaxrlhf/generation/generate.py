@@ -50,6 +50,9 @@ def generate(model, prompt_ids, prompt_mask, key, settings: SamplingSettings) ->
     model: a CausalLM (call it inside jit on merged state); prompt_ids, prompt_mask: [batch, prompt].
     Each row draws from its own key stream, so a row's sample does not depend on its batch mates.
     """
+    if settings.attention == "pallas" and model.config.sliding_window is not None:
+        raise ValueError("attention=pallas does not apply a sliding window; use attention=reference for "
+                         f"{model.config.model_type} with sliding_window={model.config.sliding_window}")
     batch, prompt_len = prompt_ids.shape
     new = settings.max_new_tokens
     total = prompt_len + new

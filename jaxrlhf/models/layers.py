@@ -17,9 +17,6 @@ from flax import nnx
 
 from jaxrlhf.models.config import DecoderConfig
 
-NEG_INF = -1e30  # large finite negative: masked logits stay NaN-free in any precision
-
-
 class LoraParam(nnx.Param):
     """A low-rank adapter weight: trained when LoRA is on, merged into the kernel on export."""
 
@@ -53,8 +50,9 @@ class Dense(nnx.Module):
         self.lora_scale = 0.0
 
     def add_lora(self, rank: int, alpha: float, rngs: nnx.Rngs):
-        """Adds a rank-`rank` adapter B.A initialised so that the layer's output is unchanged."""
-        dtype = self.kernel[...].dtype
+        """Adds a rank-`rank` adapter B.A initialised so that the layer's output is unchanged.
+        Adapters are float32 (they are what trains) whatever the frozen kernel's dtype."""
+        dtype = jnp.float32
         stack = (self.stack,) if self.stack is not None else ()
         lead = ("layers",) if self.stack is not None else ()
         a_shape = (*stack, *self.in_shape, rank)

@@ -38,5 +38,6 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
 
 
 def trainable_filter(lora_rank: int):
-    """What the optimizer updates: only the adapters with LoRA on, every parameter otherwise."""
-    return LoraParam if lora_rank > 0 else nnx.Param
+    """What the optimizer updates: with LoRA on, the adapters and a value model's new head (it starts
+    at zero and has no adapter); every parameter otherwise."""
+    return nnx.Any(LoraParam, nnx.PathContains("value_head")) if lora_rank > 0 else nnx.Param
