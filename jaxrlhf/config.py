@@ -228,7 +228,7 @@ class GenerationConfig:
     top_p: float = 1.0  # nucleus sampling; 1.0 = off
     greedy: bool = False  # argmax decoding; ignores temperature, top_k and top_p
     tensor_parallel: int = 1  # tensor-parallel degree of the rollout copy of the actor
-    attention: Literal["auto", "reference", "pallas"] = "auto"  # decode step; auto = reference until a GPU benchmark shows the kernel faster
+    attention: Literal["auto", "reference", "pallas"] = "auto"  # decode step: XLA, the Mosaic GPU kernel (bf16), or auto (the reference until a GPU benchmark shows the kernel faster)
 
     def validate(self, key: str) -> None:
         _at_least(self, key, 1, "tensor_parallel")

@@ -66,11 +66,11 @@ def adapters_off(params: nnx.State) -> nnx.State:
 
 def sampling_settings(config, tokenizer) -> SamplingSettings:
     g = config.generation
-    attention = "pallas" if g.attention == "pallas" else "reference"
-    return SamplingSettings(eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+    pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    return SamplingSettings(eos_id=tokenizer.eos_token_id, pad_id=pad,
                             max_new_tokens=config.ppo.max_answer_seq_len, min_new_tokens=g.min_new_tokens,
                             temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, greedy=g.greedy,
-                            attention=attention)
+                            attention=g.attention)
 
 
 def mean_and_se(values) -> tuple[float, float]:

@@ -1,13 +1,21 @@
 """Generation throughput: our prefill + jitted decode loop against transformers' `generate`.
 
 Random weights of a given shape go to both (built with transformers' config classes and loaded
-by us from its `save_pretrained` directory). Reports prefill and decode tokens/s, the decode
-step's roofline ratio (bytes of weights plus KV cache read per step over the measured step time,
-against the device's memory bandwidth), and ours/transformers for end-to-end generate tokens/s.
+by us from its `save_pretrained` directory, then put in the generation layout as the hybrid
+engine does). Reports prefill and decode tokens/s, the decode step's roofline ratio (bytes of
+weights plus the filled KV cache read per step over the measured step time, against the
+device's memory bandwidth), and ours/transformers for end-to-end generate tokens/s.
+
+With --memory, nothing is allocated or timed: generate, prefill and one decode step are compiled
+from shapes alone (any size, on any machine) and XLA's temporary memory is printed against the
+KV cache, with the decode loop's cache-sized buffers and, on a GPU, XLA's bytes accessed per
+decode step against the ideal (weights and filled cache read once, new keys/values written once).
 
     PYTHONPATH=$PWD JAX_PLATFORMS=cpu python scripts/bench_generate.py --hidden 256 --layers 4 --batch 8
     PYTHONPATH=$PWD python scripts/bench_generate.py --hidden 2048 --layers 16 --heads 32 --kv-heads 8 \\
         --intermediate 8192 --vocab 32000 --batch 32 --prompt-len 512 --new-tokens 256 --dtype bfloat16
+    PYTHONPATH=$PWD JAX_PLATFORMS=cpu python scripts/bench_generate.py --memory --hidden 2048 --layers 16 \\
+        --heads 32 --kv-heads 8 --intermediate 8192 --vocab 32000 --batch 32 --prompt-len 512 --new-tokens 256
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ def parse_args(argv):
     parser.add_argument("--bandwidth", type=float, help="device memory bandwidth in bytes/s (else from a table)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--memory", action="store_true", help="compile from shapes only and report memory")
     return parser.parse_args(argv)
 
 
@@ -51,36 +60,36 @@ def time_ours(path, args, ids, mask):
     from flax import nnx
 
     from jaxrlhf.generation.generate import SamplingSettings, generate_from_state
-    from jaxrlhf.models import KVCache, load_pretrained, positions_from_mask
-    from jaxrlhf.parallel import GENERATION_RULES, batch_sharding, make_mesh, shard_model
+    from jaxrlhf.generation.hybrid_engine import HybridEngine
+    from jaxrlhf.generation.kv_cache import KVCache, prefill
+    from jaxrlhf.models import load_pretrained, positions_from_mask
+    from jaxrlhf.parallel import make_mesh
 
     model = load_pretrained(path, dtype=args.dtype, param_dtype=args.dtype)
-    if args.tensor_parallel > 1:
-        mesh = make_mesh(data=1, fsdp=-1, tensor=args.tensor_parallel)
-        model = shard_model(model, GENERATION_RULES, mesh)
-        ids, mask = jax.device_put((jnp.asarray(ids), jnp.asarray(mask)), batch_sharding(mesh, 2, GENERATION_RULES))
-    graphdef, state = nnx.split(model)
-    config = model.config
     settings = SamplingSettings(eos_id=args.vocab - 1, pad_id=0, max_new_tokens=args.new_tokens,
                                 min_new_tokens=args.new_tokens, greedy=True, attention=args.attention)
+    graphdef, state = nnx.split(model)
+    devices = jax.devices()[: args.tensor_parallel]
+    engine = HybridEngine(graphdef, (state,), make_mesh(data=1, fsdp=1, tensor=args.tensor_parallel, devices=devices),
+                          args.tensor_parallel, settings)
+    state = engine.generation_state((state,))
+    del model
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
 
     @jax.jit
-    def prefill(state, ids, mask):
-        model = nnx.merge(graphdef, state)
-        cache = KVCache.zeros(config, ids.shape[0], ids.shape[1] + args.new_tokens)
-        key_valid = jnp.pad(mask, ((0, 0), (0, args.new_tokens)))
-        hidden, cache = model.decoder(ids, mask, positions_from_mask(mask), cache=cache, write_index=0,
-                                      key_valid=key_valid)
+    def prefill_only(state, ids, mask):
+        model = nnx.merge(engine.graphdef, state)
+        cache = KVCache.zeros(model.config, ids.shape[0], ids.shape[1] + args.new_tokens, engine.cache_sharding)
+        hidden, cache = prefill(model, ids, mask, positions_from_mask(mask), cache)
         return model.logits(hidden[:, -1:]), cache
 
-    run_prefill = lambda: jax.block_until_ready(prefill(state, ids, mask))
-    run_generate = lambda: jax.block_until_ready(
-        generate_from_state(graphdef, state, ids, mask, jax.random.key(0), settings))
+    run_prefill = lambda: jax.block_until_ready(prefill_only(state, ids, mask))
+    run_generate = lambda: jax.block_until_ready(engine.generate_with(state, ids, mask, jax.random.key(0)))
     run_prefill(), run_generate()  # compile
     prefill_s = best_of(args.repeats, run_prefill)
     generate_s = best_of(args.repeats, run_generate)
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-    return prefill_s, generate_s, weight_bytes, config
+    return prefill_s, generate_s, weight_bytes, nnx.merge(engine.graphdef, state).config
 
 
 def time_torch(path, args, ids, mask):
@@ -113,8 +122,26 @@ def time_torch(path, args, ids, mask):
     raise RuntimeError("transformers generate failed with both caches")
 
 
+def report_memory(args):
+    """Compile-only report from shapes (see the module docstring)."""
+    import jax
+
+    from jaxrlhf.generation.compiled_report import generation_report
+    from jaxrlhf.models import DecoderConfig
+
+    shape = hf_config(args, max_len=args.prompt_len + args.new_tokens).to_dict()
+    config = DecoderConfig.from_hf(shape, dtype=args.dtype, param_dtype=args.dtype)
+    print(f"compiling on {jax.devices()[0].device_kind} from shapes only", file=sys.stderr)
+    report = generation_report(config, args.batch, args.prompt_len, args.new_tokens)
+    print(f"{args.model_type} hidden {args.hidden}, {args.layers} layers, batch {args.batch} x "
+          f"({args.prompt_len} + {args.new_tokens}), {args.dtype}, jax {jax.__version__} on {jax.devices()[0].device_kind}")
+    print(report.summary())
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.memory:
+        return report_memory(args)
     import jax
     import numpy as np
     import torch

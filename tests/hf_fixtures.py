@@ -24,6 +24,10 @@ def tiny_hf_configs():
             rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
         "qwen2_bias_tied": transformers.Qwen2Config(**common, num_key_value_heads=4, tie_word_embeddings=True),
         "mistral": transformers.MistralConfig(**common, num_key_value_heads=2, sliding_window=4096),
+        "mistral_window4": transformers.MistralConfig(**common, num_key_value_heads=2, sliding_window=4),
+        # head_dim 64: the smallest the decode kernel takes (its bf16 tiles are 64 wide)
+        "llama_mqa_headdim64": transformers.LlamaConfig(
+            **{**common, "hidden_size": 128, "num_attention_heads": 2}, num_key_value_heads=1),
         "opt": transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
                                       num_attention_heads=8, max_position_embeddings=128, pad_token_id=1),
         "opt_proj_postln": transformers.OPTConfig(

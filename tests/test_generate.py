@@ -1,5 +1,7 @@
 """Generation against transformers' greedy `generate`, across tensor-parallel layouts, compiled once."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,11 +14,12 @@ from hf_fixtures import padded_batch, save_tiny_model
 from jaxrlhf.compile_counter import CompileCounter
 from jaxrlhf.generation.generate import SamplingSettings, generate_from_state
 from jaxrlhf.generation.hybrid_engine import HybridEngine
-from jaxrlhf.models import load_pretrained
+from jaxrlhf.generation.layout import to_generation_layout
+from jaxrlhf.models import CausalLM, load_pretrained
 from jaxrlhf.models.lora import apply_lora
 from jaxrlhf.parallel import TRAINING_RULES, make_mesh
 
-FAMILIES = ["llama_gqa_llama3", "qwen2_bias_tied", "mistral", "opt", "opt_proj_postln"]
+FAMILIES = ["llama_gqa_llama3", "qwen2_bias_tied", "mistral", "mistral_window4", "opt", "opt_proj_postln"]
 EOS, PAD, NEW = 7, 1, 10
 
 
@@ -41,8 +44,7 @@ def hf_greedy(path, ids, mask):
 
 
 def greedy(path, ids, mask, **settings):
-    model = load_pretrained(path)
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(to_generation_layout(load_pretrained(path)))
     settings = SamplingSettings(eos_id=EOS, pad_id=PAD, max_new_tokens=NEW, greedy=True, **settings)
     return generate_from_state(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), settings)
 
@@ -84,8 +86,8 @@ def test_hybrid_engine_tensor_parallel_gives_the_same_tokens(model_dirs, tensor_
     out, timings = engine.generate((state,), jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(out.tokens), expected)
     assert timings.reshard_s >= 0 and timings.generate_s > 0
-    q_kernel = engine.generation_state((state,))["decoder"]["layers"]["attn"]["q_proj"]["kernel"].get_value()
-    assert q_kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
+    q_kernel = engine.generation_state((state,))["decoder"]["layers"][0]["attn"]["q_proj"]["kernel"].get_value()
+    assert q_kernel.sharding.spec == jax.sharding.PartitionSpec(None, "tensor")
 
 
 def test_hybrid_engine_merges_lora(model_dirs):
@@ -104,7 +106,7 @@ def test_hybrid_engine_merges_lora(model_dirs):
 def test_decode_loop_compiles_once_per_shape(model_dirs):
     ids, mask = prompts()
     path = model_dirs["qwen2_bias_tied"]
-    graphdef, state = nnx.split(load_pretrained(path))
+    graphdef, state = nnx.split(to_generation_layout(load_pretrained(path)))
     settings = SamplingSettings(eos_id=EOS, pad_id=PAD, max_new_tokens=NEW, temperature=0.7, top_k=20)
     generate_from_state(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), settings)
     with CompileCounter() as counter:
@@ -124,8 +126,21 @@ def test_temperature_zero_is_greedy_and_min_new_tokens_holds(model_dirs):
     assert not (forced == EOS).any()
 
 
-def test_pallas_decode_attention_gives_the_same_tokens(model_dirs):
+def test_pallas_decode_attention_gives_the_same_tokens(tmp_path):
+    """The Mosaic GPU decode kernel (interpret mode on CPU) inside generation, in bfloat16 like a real
+    run, with and without a sliding window narrower than the answers: the reference's tokens."""
     ids, mask = prompts()
-    path = model_dirs["llama_gqa_llama3"]
-    reference = np.asarray(greedy(path, ids, mask).tokens)
-    np.testing.assert_array_equal(np.asarray(greedy(path, ids, mask, attention="pallas").tokens), reference)
+    path = save_tiny_model("llama_mqa_headdim64", str(tmp_path))
+    model = to_generation_layout(load_pretrained(path, dtype="bfloat16", param_dtype="bfloat16"))
+    state = nnx.state(model)
+
+    def tokens(attention, window):
+        config = dataclasses.replace(model.config, sliding_window=window)
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: CausalLM(config, nnx.Rngs(0))))
+        settings = SamplingSettings(eos_id=EOS, pad_id=PAD, max_new_tokens=NEW, greedy=True, attention=attention)
+        out = generate_from_state(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), settings)
+        return np.asarray(out.tokens)
+
+    for window in (None, 5):
+        np.testing.assert_array_equal(tokens("pallas", window), tokens("reference", window))
+    assert (tokens("reference", 5) != tokens("reference", None)).any(), "the window must change the answers"

@@ -1,10 +1,10 @@
 """The hybrid engine: the actor trains in the FSDP layout and generates in a tensor-parallel one.
 
-Per call: fold LoRA adapters into the kernels (if any) and move every weight straight from its
-FSDP shards to its tensor-parallel shards over the same devices (one jitted program with the
-generation shardings as outputs: leaf by leaf, no replicated intermediate, no host copy),
-generate, and let the generation copy go. On one device without LoRA
-the training weights are used as they are: no copy at all.
+Per rollout: one jitted program folds LoRA adapters into the kernels, unstacks the blocks, casts
+every weight to the compute dtype (float32 master weights -> bf16) and writes each array
+straight into its tensor-parallel shards over the same devices (leaf by leaf, no replicated
+intermediate, no host copy); then generate, and let the generation copy go. The copy is made
+on one device too: generation must not read float32 master weights or slice stacked layers.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxrlhf.generation.generate import Generation, SamplingSettings, generate_from_state
-from jaxrlhf.models.lora import has_lora, merge_lora
+from jaxrlhf.generation.layout import to_generation_layout
 from jaxrlhf.parallel.mesh import make_mesh
-from jaxrlhf.parallel.rules import GENERATION_RULES, batch_sharding, state_shardings
+from jaxrlhf.parallel.rules import GENERATION_RULES, batch_sharding, logical_to_spec, state_shardings
 
 
 @dataclass
@@ -36,35 +36,38 @@ class HybridEngine:
 
     def __init__(self, graphdef: nnx.GraphDef, states: tuple, train_mesh: Mesh, tensor_parallel: int,
                  settings: SamplingSettings):
-        self.train_graphdef = graphdef
         self.settings = settings
-        self.uses_lora = has_lora(nnx.merge(graphdef, *states))
         devices = train_mesh.devices.flatten()
         self.mesh = make_mesh(data=1, fsdp=-1, tensor=tensor_parallel, devices=devices)
-        self.no_copy = len(devices) == 1 and not self.uses_lora
 
-        def merged(states):
-            return merge_lora(nnx.merge(graphdef, *states))
+        def generation_model(states):
+            return to_generation_layout(nnx.merge(graphdef, *states))
 
-        self.graphdef, abstract = nnx.split(nnx.eval_shape(merged, states))
+        self.graphdef, abstract = nnx.split(nnx.eval_shape(generation_model, states))
         self.shardings = state_shardings(abstract, GENERATION_RULES, self.mesh)
-        # One jitted program folds LoRA in (if any) and writes every weight straight into its
-        # tensor-parallel shards: a reshard leaf by leaf on device, no host copy.
-        self._to_generation = jax.jit(lambda states: nnx.split(merged(states))[1], out_shardings=self.shardings)
+        self._to_generation = jax.jit(lambda states: nnx.split(generation_model(states))[1],
+                                      out_shardings=self.shardings)
+        # KV cache buffers [batch, kv_heads, max_len, head_dim]: rows like the prompts, kv heads like k_proj.
+        kv_heads = nnx.merge(graphdef, *states).config.num_kv_heads
+        rows = batch_sharding(self.mesh, 2, GENERATION_RULES).spec[0]
+        heads = logical_to_spec(("kv_heads",), (kv_heads,), GENERATION_RULES, self.mesh)
+        self.cache_sharding = NamedSharding(self.mesh, PartitionSpec(rows, *(heads or (None,)), None, None))
 
     def generation_state(self, states: tuple) -> nnx.State:
-        """The actor's weights in the generation layout (LoRA merged)."""
-        if self.no_copy:
-            return nnx.split(nnx.merge(self.train_graphdef, *states))[1]  # the same arrays, regrouped
+        """The actor's weights in the generation layout and shardings (a new copy)."""
         return self._to_generation(states)
+
+    def generate_with(self, state: nnx.State, prompt_ids, prompt_mask, key) -> Generation:
+        """Generates from a generation-layout state (e.g. one kept across calls by a chat session)."""
+        rows = batch_sharding(self.mesh, 2, GENERATION_RULES)
+        prompt_ids, prompt_mask = jax.device_put((prompt_ids, prompt_mask), rows)
+        return generate_from_state(self.graphdef, state, prompt_ids, prompt_mask, key, self.settings,
+                                   self.cache_sharding)
 
     def generate(self, states: tuple, prompt_ids, prompt_mask, key) -> tuple[Generation, GenerationTimings]:
         start = time.perf_counter()
         state = jax.block_until_ready(self.generation_state(states))
         resharded = time.perf_counter()
-        rows = batch_sharding(self.mesh, 2, GENERATION_RULES)
-        prompt_ids, prompt_mask = jax.device_put((prompt_ids, prompt_mask), rows)
-        out = generate_from_state(self.graphdef, state, prompt_ids, prompt_mask, key, self.settings)
-        out = jax.block_until_ready(out)
-        del state  # the generation copy is freed here (unless it is the training state itself)
+        out = jax.block_until_ready(self.generate_with(state, prompt_ids, prompt_mask, key))
+        del state  # the generation copy is freed here
         return out, GenerationTimings(resharded - start, time.perf_counter() - resharded)

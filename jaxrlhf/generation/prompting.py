@@ -31,33 +31,36 @@ def decode_answers(tokenizer, tokens, attention_mask, prompt_len: int) -> list[s
 
 
 class TextGenerator:
-    """A Hugging Face model directory that answers prompt strings (chat, prompt_eval)."""
+    """A Hugging Face model directory that answers prompt strings (chat, prompt_eval).
+
+    The model is put into the generation layout once (on `tensor_parallel` devices) and kept."""
 
     def __init__(self, model_dir: str, dtype: str = "float32", tensor_parallel: int = 1, **sampling):
         import jax
         from flax import nnx
 
         from jaxrlhf.generation.generate import SamplingSettings
+        from jaxrlhf.generation.hybrid_engine import HybridEngine
         from jaxrlhf.models import load_pretrained, load_tokenizer
-        from jaxrlhf.parallel import GENERATION_RULES, make_mesh, shard_model
+        from jaxrlhf.parallel import make_mesh
 
         self.tokenizer = load_tokenizer(model_dir)
         model = load_pretrained(model_dir, dtype=dtype, param_dtype=dtype)
-        if tensor_parallel > 1:
-            model = shard_model(model, GENERATION_RULES, make_mesh(data=1, fsdp=-1, tensor=tensor_parallel))
-        self.graphdef, self.state = nnx.split(model)
         self.max_len = model.config.max_position_embeddings
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        self.settings = SamplingSettings(eos_id=eos, pad_id=eos if pad is None else pad, **sampling)
+        settings = SamplingSettings(eos_id=eos, pad_id=eos if pad is None else pad, **sampling)
+        self.max_new_tokens = settings.max_new_tokens
+        graphdef, state = nnx.split(model)
+        mesh = make_mesh(data=1, fsdp=1, tensor=tensor_parallel, devices=jax.devices()[:tensor_parallel])
+        self.engine = HybridEngine(graphdef, (state,), mesh, tensor_parallel, settings)
+        self.state = self.engine.generation_state((state,))
         self.key = jax.random.key(0)
 
     def answers(self, prompts: list[str]) -> list[str]:
         import jax
 
-        from jaxrlhf.generation.generate import generate_from_state
-
-        room = self.max_len - self.settings.max_new_tokens
+        room = self.max_len - self.max_new_tokens
         ids, mask = left_padded_batch(self.tokenizer, prompts, max_len=room)
         self.key, key = jax.random.split(self.key)
-        out = generate_from_state(self.graphdef, self.state, ids, mask, key, self.settings)
+        out = self.engine.generate_with(self.state, ids, mask, key)
         return decode_answers(self.tokenizer, out.tokens, out.attention_mask, ids.shape[1])

@@ -1,11 +1,11 @@
 """One decoder for the LLaMA family (LLaMA 1/2/3, Mistral, Qwen2) and OPT, with HF import/export."""
 
 from jaxrlhf.models.config import SUPPORTED_MODEL_TYPES, DecoderConfig
-from jaxrlhf.models.decoder import CausalLM, Decoder, KVCache, ValueModel, positions_from_mask
+from jaxrlhf.models.decoder import CausalLM, Decoder, ValueModel, positions_from_mask
 from jaxrlhf.models.factory import create_model
 from jaxrlhf.models.hf_io import load_pretrained, load_tokenizer, read_hf_config, save_pretrained
 
 __all__ = [
-    "SUPPORTED_MODEL_TYPES", "DecoderConfig", "CausalLM", "Decoder", "KVCache", "ValueModel", "positions_from_mask",
+    "SUPPORTED_MODEL_TYPES", "DecoderConfig", "CausalLM", "Decoder", "ValueModel", "positions_from_mask",
     "create_model", "load_pretrained", "load_tokenizer", "read_hf_config", "save_pretrained",
 ]

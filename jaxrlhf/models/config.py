@@ -46,6 +46,7 @@ class DecoderConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"  # "none" or "block": recompute each block in the backward pass
+    scan_layers: bool = True  # stacked blocks run by lax.scan (training); False: one module per block (generation)
     hf_config: tuple = dataclasses.field(default=("__dict__",), compare=False, repr=False)
 
     @property

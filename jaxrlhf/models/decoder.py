@@ -1,12 +1,11 @@
 """The decoder-only causal LM shared by every family, and the per-token value model.
 
 Call `model(input_ids, attention_mask) -> logits [batch, seq, vocab]` for training and scoring.
-Generation calls `model.decoder(..., cache=...)` with a preallocated `KVCache`.
+Generation (prefill and cached decode steps) lives in `jaxrlhf.generation`; it runs the same
+blocks through `Decoder.embed`, `Decoder.blocks` and `Decoder.finish`.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -14,21 +13,6 @@ from flax import nnx
 
 from jaxrlhf.models.config import DecoderConfig
 from jaxrlhf.models.layers import Dense, DecoderLayer, Norm, make_param, rope_inverse_frequencies
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class KVCache:
-    """Static keys and values for all layers: [layers, batch, max_len, kv_heads, head_dim] each."""
-
-    k: jax.Array
-    v: jax.Array
-
-    @classmethod
-    def zeros(cls, config: DecoderConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-        dtype = dtype or config.compute_dtype
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
 def positions_from_mask(attention_mask):
@@ -40,7 +24,7 @@ def attention_mask_4d(key_valid, query_slots, key_slots, sliding_window: int | N
     """[batch, 1, queries, keys] mask: key is real, not in the future, and inside the window.
 
     key_valid: [batch, keys] bool; query_slots: [queries] and key_slots: [keys] are the
-    positions in the (cache) sequence, used for causality.
+    positions in the sequence, used for causality.
     """
     causal = key_slots[None, :] <= query_slots[:, None]  # [queries, keys]
     if sliding_window is not None:
@@ -49,7 +33,13 @@ def attention_mask_4d(key_valid, query_slots, key_slots, sliding_window: int | N
 
 
 class Decoder(nnx.Module):
-    """Token (and OPT position) embeddings, the stacked blocks, the final norm."""
+    """Token (and OPT position) embeddings, the blocks, the final norm.
+
+    With `config.scan_layers` (training) the blocks' weights are stacked on a leading "layers"
+    axis and run by one `lax.scan`, so compile time does not grow with depth. Without it
+    (generation) every block is its own module with its own arrays, run by a Python loop: a
+    decode step then reads each weight where it lies, with no per-layer slice of a stacked array.
+    """
 
     def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
         self.config = config
@@ -62,75 +52,70 @@ class Decoder(nnx.Module):
         projection = lambda i, o, ia, oa: Dense((i,), (o,), (ia,), (oa,), bias=False, config=config, rngs=rngs)
         self.project_in = projection(p, e, "embed_proj", "embed") if config.has_projection else None
         self.project_out = projection(e, p, "embed", "embed_proj") if config.has_projection else None
-        self.layers = DecoderLayer(config, rngs, stack=config.num_layers)
+        if config.scan_layers:
+            self.layers = DecoderLayer(config, rngs, stack=config.num_layers)
+        else:
+            self.layers = nnx.List([DecoderLayer(config, rngs) for _ in range(config.num_layers)])
         self.final_norm = Norm(config.hidden_size, config, rngs) if config.final_norm else None
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
-                 write_index=None, key_valid=None, attention_fn=None, segment_ids=None):
-        """Hidden states [batch, seq, embed_dim] (and the updated cache when one is given).
-
-        Without a cache, keys are the input tokens themselves; with `segment_ids` (packed rows,
-        0 = pad) a token sees only earlier tokens of its own segment. With a cache, the tokens are
-        written at slots [write_index, write_index + seq) and attend to every slot whose
-        `key_valid` [batch, max_len] is set, up to their own slot.
-        """
+    def embed(self, input_ids, positions):
+        """[batch, seq] ids and positions -> the residual stream [batch, seq, hidden] in the compute dtype."""
         config = self.config
-        batch, seq = input_ids.shape
-        if attention_mask is None:
-            attention_mask = jnp.ones((batch, seq), jnp.int32)
-        if positions is None:
-            positions = positions_from_mask(attention_mask)
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(config.compute_dtype)
         if self.project_in is not None:
             x = self.project_in(x)
         if self.embed_positions is not None:
             pos_ids = positions + config.learned_position_offset
             x = x + jnp.take(self.embed_positions[...], pos_ids, axis=0).astype(config.compute_dtype)
+        return x
 
-        if cache is None:
-            slots = jnp.arange(seq)
-            mask = attention_mask_4d(attention_mask.astype(bool), slots, slots, config.sliding_window)
-            if segment_ids is not None:
-                mask &= (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-        else:
-            query_slots = write_index + jnp.arange(seq)
-            key_slots = jnp.arange(cache.k.shape[2])
-            mask = attention_mask_4d(key_valid.astype(bool), query_slots, key_slots, config.sliding_window)
-        x, cache = self._run_layers(x, positions, mask, cache, write_index, attention_fn)
-
+    def finish(self, x):
+        """Final norm (and OPT's projection back to the embedding width): [batch, seq, embed_dim]."""
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.project_out is not None:
             x = self.project_out(x)
-        return x, cache
+        return x
 
-    def _run_layers(self, x, positions, mask, cache, write_index, attention_fn):
-        """All blocks with one lax.scan over the stacked layer weights (and the cache, if any)."""
-        graphdef, layer_state = nnx.split(self.layers)
+    def blocks(self) -> list[DecoderLayer]:
+        """The blocks one by one (generation layout only)."""
+        if self.config.scan_layers:
+            raise ValueError("the blocks of a scanned (training-layout) decoder are stacked; convert it with "
+                             "jaxrlhf.generation.to_generation_layout first")
+        return list(self.layers)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
+        """Hidden states [batch, seq, embed_dim]. With `segment_ids` (packed rows, 0 = pad) a token
+        sees only earlier tokens of its own segment."""
+        batch, seq = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, seq), jnp.int32)
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+        x = self.embed(input_ids, positions)
+        slots = jnp.arange(seq)
+        mask = attention_mask_4d(attention_mask.astype(bool), slots, slots, self.config.sliding_window)
+        if segment_ids is not None:
+            mask &= (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
         inv_freq = rope_inverse_frequencies(self.config)
+        attend = lambda attn, h: (attn(h, positions, mask, inv_freq), None)
+        return self.finish(self._run_layers(x, attend))
 
-        def block(x, layer_state, kv):
-            layer = nnx.merge(graphdef, layer_state)
-            return layer(x, positions, mask, inv_freq, kv, write_index, attention_fn)
+    def _run_layers(self, x, attend):
+        """All blocks: one lax.scan over the stacked weights, or a loop over the separate blocks."""
+        if not self.config.scan_layers:
+            for layer in self.layers:
+                x, _ = layer(x, attend)
+            return x
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def block(x, layer_state):
+            return nnx.merge(graphdef, layer_state)(x, attend)[0]
 
         if self.config.remat == "block":
             block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
-
-        if cache is None:
-            x, _ = jax.lax.scan(lambda h, s: (block(h, s, None)[0], None), x, layer_state)
-            return x, None
-
-        def step(carry, scanned):
-            h, cache_k, cache_v = carry
-            state, index = scanned
-            h, (k, v) = block(h, state, (cache_k[index], cache_v[index]))
-            cache_k = jax.lax.dynamic_update_index_in_dim(cache_k, k, index, 0)
-            cache_v = jax.lax.dynamic_update_index_in_dim(cache_v, v, index, 0)
-            return (h, cache_k, cache_v), None
-
-        layer_ids = jnp.arange(self.config.num_layers)
-        (x, k, v), _ = jax.lax.scan(step, (x, cache.k, cache.v), (layer_state, layer_ids))
-        return x, KVCache(k, v)
+        x, _ = jax.lax.scan(lambda h, s: (block(h, s), None), x, layer_state)
+        return x
 
 
 class CausalLM(nnx.Module):
@@ -151,8 +136,7 @@ class CausalLM(nnx.Module):
         return jnp.einsum("bte,ev->btv", hidden, head, preferred_element_type=jnp.float32)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
-        hidden, _ = self.decoder(input_ids, attention_mask, positions, segment_ids=segment_ids)
-        return self.logits(hidden)
+        return self.logits(self.decoder(input_ids, attention_mask, positions, segment_ids=segment_ids))
 
 
 class ValueModel(nnx.Module):
@@ -169,5 +153,4 @@ class ValueModel(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, positions=None):
         """float32 values [batch, seq]."""
-        hidden, _ = self.decoder(input_ids, attention_mask, positions)
-        return self.value_head(hidden)[..., 0].astype(jnp.float32)
+        return self.value_head(self.decoder(input_ids, attention_mask, positions))[..., 0].astype(jnp.float32)

@@ -138,13 +138,17 @@ def apply_rope(x, positions, inv_freq):
 def attention(q, k, v, mask):
     """Softmax attention; q [b, t, heads, d], k/v [b, s, kv_heads, d], mask [b, 1, t, s] (True = attend).
 
-    One function for training, prefill and decode: `jax.nn.dot_product_attention` picks cuDNN's
-    fused kernel on GPU where it applies and XLA elsewhere, and handles grouped-query heads.
+    Training and prefill: `jax.nn.dot_product_attention` picks cuDNN's fused kernel on GPU where
+    it applies and XLA elsewhere, and handles grouped-query heads. (A decode step, one query
+    against the KV cache, goes through `jaxrlhf.generation.kernels.decode_attention`.)
     """
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
 
 class Attention(nnx.Module):
+    """Projections around an attention step the caller chooses (training, prefill or decode):
+    `project` gives rotated q, k, v; `output` maps the attended heads back to the residual stream."""
+
     def __init__(self, config: DecoderConfig, rngs: nnx.Rngs, stack: int | None = None):
         e, n, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         dense = lambda i, o, ia, oa, bias: Dense(i, o, ia, oa, bias=bias, config=config, rngs=rngs, stack=stack)
@@ -154,20 +158,20 @@ class Attention(nnx.Module):
         self.o_proj = dense((n, d), (e,), ("heads", "head_dim"), ("embed",), config.out_bias)
         self.use_rope = config.positions == "rope"
 
-    def __call__(self, x, positions, mask, inv_freq, kv_cache=None, write_index=None, attention_fn=None):
-        """x [b, t, e]. With `kv_cache` ([b, s, kv, d] pair), the new keys/values are written at
-        `write_index` and the queries attend over the whole cache (prefill and decode).
-        `attention_fn(q, k, v, mask)` replaces `attention`, e.g. by a decode kernel."""
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [b, t, heads, d]
+    def project(self, x, positions, inv_freq):
+        """x [b, t, e] -> q [b, t, heads, d], k and v [b, t, kv_heads, d], rotary applied."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.use_rope:
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        if kv_cache is not None:
-            cache_k, cache_v = kv_cache
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, write_index, 0, 0))
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, write_index, 0, 0))
-            k, v, kv_cache = cache_k, cache_v, (cache_k, cache_v)
-        out = (attention_fn or attention)(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-        return self.o_proj(out), kv_cache
+        return q, k, v
+
+    def output(self, attended):
+        """[b, t, heads, d] -> [b, t, e]."""
+        return self.o_proj(attended)
+
+    def __call__(self, x, positions, mask, inv_freq):
+        q, k, v = self.project(x, positions, inv_freq)
+        return self.output(attention(q, k, v, mask))
 
 
 class MLP(nnx.Module):
@@ -197,9 +201,12 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, rngs, stack)
         self.norm_before = config.norm_before_block
 
-    def __call__(self, x, positions, mask, inv_freq, kv_cache=None, write_index=None, attention_fn=None):
+    def __call__(self, x, attend):
+        """x [b, t, e] -> (x, aux). `attend(attn, h) -> (out, aux)` runs the attention sub-block,
+        the one place where training, prefill and a cached decode step differ (aux: e.g. the
+        updated KV cache)."""
         h = self.attn_norm(x) if self.norm_before else x
-        h, kv_cache = self.attn(h, positions, mask, inv_freq, kv_cache, write_index, attention_fn)
+        h, aux = attend(self.attn, h)
         x = x + h
         if not self.norm_before:
             x = self.attn_norm(x)
@@ -207,4 +214,4 @@ class DecoderLayer(nnx.Module):
         x = x + h
         if not self.norm_before:
             x = self.mlp_norm(x)
-        return x, kv_cache
+        return x, aux

@@ -1,0 +1,123 @@
+"""The static KV cache and the two cached forward passes: prefill (fills it) and a decode step (extends it).
+
+Layout, chosen so that a decode step touches each byte once:
+- one pair of buffers per layer (a tuple, not one stacked array): a layer's attention reads its
+  own buffer in place. A stacked [layers, ...] cache inside a layer scan is sliced per layer
+  (a copy of the layer's whole cache) and written back whole through the scan carry.
+- [batch, kv_heads, max_len, head_dim], head-major: the slots of one (row, kv head) are one
+  contiguous [max_len, head_dim] matrix, which is what both the attention contraction (batch
+  dims leading, no transpose) and the decode kernel's block loads want.
+- a decode step writes only the new token's slot, with `dynamic_update_slice` on a buffer that
+  the `while_loop` carries (updated in place, never copied).
+- stored in the compute dtype (bf16 in practice): read without conversion.
+
+Rows are left padded, so at every step all rows write the same slot; row b's real keys are the
+contiguous slots [kv_start[b], slot].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxrlhf.generation.kernels.decode_attention import decode_attention
+from jaxrlhf.models.decoder import attention_mask_4d
+from jaxrlhf.models.layers import attention, rope_inverse_frequencies
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Per-layer keys and values, each [batch, kv_heads, max_len, head_dim]."""
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+
+    @classmethod
+    def zeros(cls, config, batch: int, max_len: int, sharding=None) -> KVCache:
+        """An empty cache in the compute dtype; `sharding` (e.g. rows over data, kv heads over
+        tensor) is imposed on every buffer inside jit."""
+        shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+
+        def buffer():
+            x = jnp.zeros(shape, config.compute_dtype)
+            return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+        layers = range(config.num_layers)
+        return cls(tuple(buffer() for _ in layers), tuple(buffer() for _ in layers))
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    def nbytes(self) -> int:
+        return sum(x.size * x.dtype.itemsize for x in (*self.keys, *self.values))
+
+
+def _head_major(x):
+    """[batch, seq, kv_heads, dim] -> [batch, kv_heads, seq, dim]."""
+    return x.transpose(0, 2, 1, 3)
+
+
+def prefill(model, prompt_ids, prompt_mask, positions, cache: KVCache):
+    """Runs the left-padded prompts [batch, prompt], writes their keys and values into slots
+    [0, prompt) and returns (hidden [batch, prompt, embed_dim], cache). The prompt attends only to
+    itself (not to the empty rest of the cache)."""
+    decoder = model.decoder
+    config = decoder.config
+    slots = jnp.arange(prompt_ids.shape[1])
+    mask = attention_mask_4d(prompt_mask.astype(bool), slots, slots, config.sliding_window)
+    inv_freq = rope_inverse_frequencies(config)
+    x = decoder.embed(prompt_ids, positions)
+    keys, values = [], []
+    for layer, k_cache, v_cache in zip(decoder.blocks(), cache.keys, cache.values):
+
+        def attend(attn, h, k_cache=k_cache, v_cache=v_cache):
+            q, k, v = attn.project(h, positions, inv_freq)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, _head_major(k).astype(k_cache.dtype), (0, 0, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, _head_major(v).astype(v_cache.dtype), (0, 0, 0, 0))
+            return attn.output(attention(q, k, v, mask)), (k_cache, v_cache)
+
+        x, (k_cache, v_cache) = layer(x, attend)
+        # Write this layer's cache before the next layer starts: left free, the scheduler may keep
+        # every layer's prompt keys and values alive until the end of prefill.
+        x, k_cache, v_cache = jax.lax.optimization_barrier((x, k_cache, v_cache))
+        keys.append(k_cache)
+        values.append(v_cache)
+    return decoder.finish(x), KVCache(tuple(keys), tuple(values))
+
+
+def decode_forward(model, tokens, positions, cache: KVCache, slot, kv_start, implementation: str = "reference",
+                   cache_sharding=None):
+    """One decode step: tokens, positions [batch] -> (hidden [batch, embed_dim], cache).
+
+    Writes each layer's new key and value at `slot` and attends over each row's real slots
+    [kv_start[b], slot] (narrowed to the sliding window, if the model has one) with the decode
+    attention `implementation` ("reference" or "pallas"; `cache_sharding` tells the kernel the mesh).
+    """
+    decoder = model.decoder
+    config = decoder.config
+    inv_freq = rope_inverse_frequencies(config)
+    batch = tokens.shape[0]
+    kv_end = jnp.full((batch,), slot + 1, jnp.int32)
+    if config.sliding_window is not None:
+        kv_start = jnp.maximum(kv_start, kv_end - config.sliding_window)
+    positions = positions[:, None]  # [batch, 1]
+    x = decoder.embed(tokens[:, None], positions)
+    keys, values = [], []
+    for layer, k_cache, v_cache in zip(decoder.blocks(), cache.keys, cache.values):
+
+        def attend(attn, h, k_cache=k_cache, v_cache=v_cache):
+            q, k, v = attn.project(h, positions, inv_freq)  # q [batch, 1, heads, dim], k/v [batch, 1, kv_heads, dim]
+            k_cache = jax.lax.dynamic_update_slice(k_cache, _head_major(k).astype(k_cache.dtype), (0, 0, slot, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, _head_major(v).astype(v_cache.dtype), (0, 0, slot, 0))
+            out = decode_attention(q[:, 0], k_cache, v_cache, kv_start, kv_end, implementation=implementation,
+                                   sharding=cache_sharding)
+            return attn.output(out[:, None]), (k_cache, v_cache)
+
+        x, (k_cache, v_cache) = layer(x, attend)
+        keys.append(k_cache)
+        values.append(v_cache)
+    return decoder.finish(x)[:, 0], KVCache(tuple(keys), tuple(values))
