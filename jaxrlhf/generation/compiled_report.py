@@ -43,8 +43,9 @@ class GenerationReport:
         if self.step_bytes_accessed is not None:
             lines.append(f"decode step: XLA bytes accessed {gb(self.step_bytes_accessed)}, ideal {gb(self.step_ideal_bytes)} "
                          f"({self.step_bytes_accessed / self.step_ideal_bytes:.2f}x)")
+        big = self.decode_loop_big_buffers
         lines.append("decode loop buffers of a layer's cache size or more, besides the in-place cache update: "
-                     + (", ".join(self.decode_loop_big_buffers) or "none"))
+                     + (f"{len(big)}, e.g. {big[0]}" if big else "none"))
         return "\n".join(lines)
 
 
