@@ -17,10 +17,21 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+
+# Test hook: the process kills itself with SIGKILL right after the checkpoint of this step is
+# written, to prove that a killed run resumes exactly (see tests/test_resume.py).
+SIGKILL_AFTER_CHECKPOINT = "JAXRLHF_SIGKILL_AFTER_CHECKPOINT"
+
+
+def maybe_kill_after_checkpoint(step: int) -> None:
+    if os.environ.get(SIGKILL_AFTER_CHECKPOINT) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Checkpointer:

@@ -1,5 +1,5 @@
 """What a run reports: metric lines on stdout, TensorBoard scalars, metrics.jsonl, summary.json,
-plots of the logged curves, and progress bars.
+plots of the logged curves, progress bars; and what it measures: throughput, MFU, compilations.
 
 Only process 0 writes, so every process may call all of this unconditionally.
 """
@@ -13,9 +13,54 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import jax
+import jax.monitoring
+import numpy as np
 from matplotlib.figure import Figure
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
+
+
+# Peak dense bf16 FLOP/s per device, for the MFU estimate (devices not listed report no MFU).
+PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12,
+              "NVIDIA A100-SXM4-40GB": 312e12, "TPU v4": 275e12, "TPU v5e": 197e12, "TPU v5p": 459e12}
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+class CompileCounter:
+    """`with CompileCounter() as c: ...` then `c.count` is the number of XLA compilations inside."""
+
+    def __init__(self):
+        self.count = 0
+
+    def _listen(self, event: str, duration: float, **kwargs):
+        if event == BACKEND_COMPILE_EVENT:
+            self.count += 1
+
+    def __enter__(self) -> CompileCounter:
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def training_flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: int) -> float:
+    """6N for the matmuls plus attention's 12 * layers * hidden * seq (forward + backward)."""
+    return 6.0 * num_params + 12.0 * num_layers * hidden * seq_len
+
+
+def throughput(tokens: float, seconds: float, flops_per_token: float) -> dict[str, float]:
+    """tokens/s, achieved TFLOP/s and, on known devices, MFU against the peak of all devices."""
+    tflops = tokens * flops_per_token / max(seconds, 1e-9) / 1e12
+    stats = {"tokens_per_s": tokens / max(seconds, 1e-9), "tflops": tflops}
+    peak = PEAK_FLOPS.get(jax.devices()[0].device_kind)
+    if peak:
+        stats["mfu"] = tflops * 1e12 / (peak * jax.device_count())
+    return stats
 
 
 class MetricsLogger:

@@ -2,7 +2,8 @@
 
 With no argument it runs the whole pipeline at tiny size on the built-in task. Config errors
 exit with code 2 before any work; every step writes its HF export under <output_dir>/<step>/model
-and its numbers into <output_dir>/summary.json.
+and its numbers into <output_dir>/summary.json. `--print-config` prints the resolved config
+(defaults, preset, file and overrides applied) and exits.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import sys
 import time
 
-from jaxrlhf.config import main_config_or_exit, save_resolved_config
+from jaxrlhf.config import config_yaml, main_config_or_exit, save_resolved_config
 
 
 def run(config) -> dict[str, float]:
@@ -20,9 +21,9 @@ def run(config) -> dict[str, float]:
 
     from jaxrlhf.metrics import MetricsLogger, format_summary_table, update_summary
     from jaxrlhf.parallel import make_mesh, maybe_initialize_distributed
-    from jaxrlhf.reward import run_reward_model
-    from jaxrlhf.runtime import RunContext
-    from jaxrlhf.sft import run_sft
+    from jaxrlhf.run_context import RunContext
+    from jaxrlhf.steps.reward_model import run_reward_model
+    from jaxrlhf.steps.sft import run_sft
 
     maybe_initialize_distributed(config.distributed.initialize, config.distributed.coordinator_address,
                                  config.distributed.num_processes, config.distributed.process_id)
@@ -32,9 +33,9 @@ def run(config) -> dict[str, float]:
         save_resolved_config(config, config.output_dir)
     runners = {"sft": run_sft, "rm": run_reward_model}
     if "ppo" in config.steps:
-        from jaxrlhf.ppo import run_ppo
+        from jaxrlhf.rl.ppo import run_ppo
 
-        runners["ppo"] = run_ppo
+        runners["ppo"] = lambda ctx: run_ppo(ctx, task_hooks(config))
     logger = MetricsLogger(config.output_dir, tensorboard=config.tensorboard)
     ctx = RunContext(config, mesh, logger)
     print(f"jaxrlhf: steps {', '.join(config.steps)} on {mesh.devices.size} device(s) "
@@ -53,8 +54,24 @@ def run(config) -> dict[str, float]:
     return summary
 
 
+def task_hooks(config):
+    """What step 3 may use of the task: the built-in task's gold reward (evaluation only) and
+    pretraining texts when every data source is the built-in task; nothing otherwise."""
+    from jaxrlhf.data.builtin import BUILTIN, builtin_pretraining_texts, gold_reward
+    from jaxrlhf.rl.ppo import TaskHooks
+
+    if all(source.layout == BUILTIN for source in config.data.sources):
+        return TaskHooks(gold_reward=gold_reward, pretraining_texts=builtin_pretraining_texts)
+    return TaskHooks()
+
+
 def main(argv: list[str] | None = None) -> int:
-    config = main_config_or_exit(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    print_only = "--print-config" in argv
+    config = main_config_or_exit([arg for arg in argv if arg != "--print-config"])
+    if print_only:
+        print(config_yaml(config), end="")
+        return 0
     try:
         run(config)
     except (FileNotFoundError, ValueError) as error:

@@ -34,10 +34,10 @@ def parse_args(argv):
 def time_ours(path, args, batch):
     import jax
 
-    from jaxrlhf.losses import language_model_loss
+    from jaxrlhf.steps.losses import language_model_loss
     from jaxrlhf.models import load_pretrained
     from jaxrlhf.parallel import TRAINING_RULES, batch_sharding, make_mesh
-    from jaxrlhf.training import init_train_state, make_optimizer, make_train_step, split_for_training
+    from jaxrlhf.train_state import init_train_state, make_optimizer, make_train_step, split_for_training
 
     mesh = make_mesh(fsdp=-1)
     model = load_pretrained(path, mesh=mesh, rules=TRAINING_RULES, dtype=args.dtype, param_dtype="float32")
@@ -93,7 +93,7 @@ def main(argv=None):
     import torch
     import transformers
 
-    from jaxrlhf.runtime import PEAK_FLOPS, training_flops_per_token
+    from jaxrlhf.metrics import PEAK_FLOPS, training_flops_per_token
 
     config = hf_config(args, max_len=args.seq)
     torch.manual_seed(0)

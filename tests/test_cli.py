@@ -58,7 +58,7 @@ def write_jsonl(path, rows):
 def test_rw_eval_scores_a_pairs_file(reward_model_dir, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     write_jsonl(pairs, [{"prompt": "\n\nHuman: hello\n\nAssistant:", "chosen": " hi there", "rejected": " go away"}] * 3)
-    result = cli("jaxrlhf.rw_eval", reward_model_dir, "--pairs", str(pairs), "--layout", "rm-static")
+    result = cli("jaxrlhf.cli.rw_eval", reward_model_dir, "--pairs", str(pairs), "--layout", "rm-static")
     assert result.returncode == 0, result.stderr
     assert "3 pairs from" in result.stdout and "accuracy" in result.stdout
 
@@ -69,7 +69,7 @@ def test_rw_eval_names_the_malformed_row(reward_model_dir, tmp_path, bad_row):
     bad = tmp_path / "bad.jsonl"
     good_row = {"prompt": "a", "chosen": "b", "rejected": "c"}
     write_jsonl(bad, [good_row, good_row, bad_row])
-    result = cli("jaxrlhf.rw_eval", reward_model_dir, "--pairs", str(bad), "--layout", "rm-static")
+    result = cli("jaxrlhf.cli.rw_eval", reward_model_dir, "--pairs", str(bad), "--layout", "rm-static")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{bad}:2" in lines[0] and "rejected" in lines[0], result.stderr  # 0-based row index

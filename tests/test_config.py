@@ -1,24 +1,30 @@
 """Config loading: defaults, precedence (defaults < preset < file < command line), errors, round trip."""
 
 import dataclasses
-import sys
-import types
 
 import pytest
 
-from jaxrlhf.config import (ConfigError, DataSourceConfig, ModelConfig, RunConfig, config_fingerprint, load_config,
-                            main_config_or_exit, save_resolved_config)
+from jaxrlhf.config import (PRESETS, ConfigError, DataSourceConfig, ModelConfig, PPOConfig, RunConfig,
+                            config_fingerprint, load_config, main_config_or_exit, save_resolved_config)
 
+REAL_PRESETS = PRESETS
 TEST_PRESETS = {
-    "stable": {"kl_coef": 0.05, "cliprange": 0.3, "whiten_advantages": True},
-    "deepspeed_chat": {"kl_coef": 0.1, "score_position": "after_last"},
+    "stable": {"kl_coef": 0.05, "cliprange": 0.3, "lam": 0.9},
+    "deepspeed_chat": {"kl_coef": 0.1, "score_position": "after_last", "whiten_advantages": False},
 }
 
 
 @pytest.fixture(autouse=True)
 def fake_presets(monkeypatch):
-    """Stands in for jaxrlhf.ppo_math.PRESETS, which load_config imports lazily."""
-    monkeypatch.setitem(sys.modules, "jaxrlhf.ppo_math", types.SimpleNamespace(PRESETS=TEST_PRESETS))
+    """Presets whose values differ from the schema's defaults, so that precedence shows."""
+    monkeypatch.setattr("jaxrlhf.config.loading.PRESETS", TEST_PRESETS)
+    monkeypatch.setattr("jaxrlhf.config.schema.PRESETS", TEST_PRESETS)
+
+
+def test_the_schema_defaults_are_the_stable_preset():
+    defaults = dataclasses.asdict(PPOConfig())
+    assert {name: defaults[name] for name in REAL_PRESETS["stable"]} == REAL_PRESETS["stable"]
+    assert set(REAL_PRESETS["deepspeed_chat"]) == set(REAL_PRESETS["stable"])  # every preset sets the same fields
 
 
 def write(tmp_path, name, text):
@@ -43,17 +49,17 @@ def test_precedence_defaults_then_preset_then_file_then_command_line(tmp_path):
     config = load_config([path, "ppo.cliprange=0.25", "sft.optimizer.learning_rate=1e-4"])
     assert config.ppo.kl_coef == 0.2  # file beats preset (0.05)
     assert config.ppo.cliprange == 0.25  # command line beats preset (0.3)
-    assert config.ppo.whiten_advantages is True  # preset beats the dataclass default (False)
+    assert config.ppo.lam == 0.9  # preset beats the schema default (0.95)
     assert config.ppo.gamma == 0.9 and config.sft.batch_size == 8  # file beats defaults
     assert config.sft.optimizer.learning_rate == 1e-4
-    assert config.ppo.lam == 0.95  # untouched default
+    assert config.ppo.cliprange_value == 0.2  # untouched default
 
 
 def test_preset_named_on_command_line_replaces_the_default_preset(tmp_path):
     path = write(tmp_path, "run.yaml", "ppo: {preset: stable, cliprange: 0.15}\n")
     config = load_config([path, "ppo.preset=deepspeed_chat"])
     assert config.ppo.score_position == "after_last" and config.ppo.kl_coef == 0.1
-    assert config.ppo.whiten_advantages is False  # only the chosen preset applies
+    assert config.ppo.whiten_advantages is False and config.ppo.lam == 0.95  # only the chosen preset applies
     assert config.ppo.cliprange == 0.15
 
 

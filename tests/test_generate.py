@@ -11,7 +11,7 @@ import transformers
 from flax import nnx
 
 from hf_fixtures import padded_batch, save_tiny_model
-from jaxrlhf.compile_counter import CompileCounter
+from jaxrlhf.metrics import CompileCounter
 from jaxrlhf.generation.generate import SamplingSettings, generate_from_state
 from jaxrlhf.generation.hybrid_engine import HybridEngine
 from jaxrlhf.generation.layout import to_generation_layout

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hf_fixtures import save_tiny_model, train_tiny_tokenizer
-from jaxrlhf import chat, prompt_eval
+from jaxrlhf.cli import chat, prompt_eval
 from jaxrlhf.generation.prompting import decode_answers, left_padded_batch
 
 
@@ -69,3 +69,25 @@ def test_prompt_eval_side_by_side(model_dirs, tmp_path, capsys):
 def test_prompt_eval_missing_directory(model_dirs, capsys):
     assert prompt_eval.main(["/no/such/model", model_dirs[1]]) == 2
     assert "/no/such/model: model directory does not exist" in capsys.readouterr().err
+
+
+def test_a_tokenizer_without_pad_token_pads_and_generates_with_eos(model_dirs, tmp_path):
+    """Meta-Llama-3's tokenizer has no pad token: prompts are padded with EOS and generation runs
+    (the pad id once reached `generate` as None on the PPO path)."""
+    import shutil
+
+    from jaxrlhf.data.tokenize import pad_token_id
+    from jaxrlhf.generation.prompting import TextGenerator
+    from jaxrlhf.models import load_tokenizer
+
+    path = str(tmp_path / "no_pad")
+    shutil.copytree(model_dirs[0], path)
+    tokenizer = load_tokenizer(path)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(path)
+    tokenizer = load_tokenizer(path)
+    assert tokenizer.pad_token_id is None and pad_token_id(tokenizer) == tokenizer.eos_token_id
+    ids, mask = left_padded_batch(tokenizer, ["Human: hello there.", "hi"])
+    assert (ids[mask == 0] == tokenizer.eos_token_id).all()
+    answers = TextGenerator(path, max_new_tokens=4, greedy=True).answers(["Human: hello there.", "hi"])
+    assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)

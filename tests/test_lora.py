@@ -46,7 +46,7 @@ def test_adapters_are_placed_in_the_training_layout(model_dir):
     """New adapters start on one device; the run context moves them into their FSDP shards."""
     from jaxrlhf.config import load_config
     from jaxrlhf.parallel import TRAINING_RULES, make_mesh
-    from jaxrlhf.runtime import RunContext
+    from jaxrlhf.run_context import RunContext
 
     mesh = make_mesh(fsdp=8)
     model = load_pretrained(model_dir, mesh=mesh, rules=TRAINING_RULES)
@@ -59,7 +59,7 @@ def test_adapters_are_placed_in_the_training_layout(model_dir):
 
 def test_lora_trains_a_value_models_head(model_dir):
     from jaxrlhf.models import ValueModel
-    from jaxrlhf.training import split_for_training
+    from jaxrlhf.train_state import split_for_training
 
     model = load_pretrained(model_dir, model_cls=ValueModel)
     apply_lora(model, rank=2, alpha=4.0, target_modules=["q_proj"])

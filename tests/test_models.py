@@ -10,7 +10,7 @@ import pytest
 import transformers
 
 from hf_fixtures import padded_batch, save_tiny_model, tiny_hf_configs, torch_logits, train_tiny_tokenizer
-from jaxrlhf.compile_counter import CompileCounter
+from jaxrlhf.metrics import CompileCounter
 from jaxrlhf.models import load_pretrained, save_pretrained
 from jaxrlhf.models import load_tokenizer
 

@@ -12,8 +12,9 @@ from jaxrlhf.config import load_config
 from jaxrlhf.metrics import MetricsLogger
 from jaxrlhf.models.safetensors_io import read_header
 from jaxrlhf.parallel import make_mesh
-from jaxrlhf.ppo import run_ppo
-from jaxrlhf.runtime import RunContext
+from jaxrlhf.rl.ppo import run_ppo
+from jaxrlhf.run_context import RunContext
+from jaxrlhf.train import task_hooks
 
 TINY_PPO = ["steps=[ppo]", "data.builtin_size=1000", "ppo.prompts_per_iteration=8", "ppo.num_minibatches=2",
             "ppo.ppo_epochs=2", "ppo.eval_prompts=8", "ppo.max_prompt_seq_len=24", "ppo.max_answer_seq_len=12",
@@ -26,7 +27,7 @@ def run(tmp_path, name, mesh, *overrides):
                           *overrides])
     logger = MetricsLogger(config.output_dir, tensorboard=False)
     try:
-        summary = run_ppo(RunContext(config, mesh, logger))
+        summary = run_ppo(RunContext(config, mesh, logger), task_hooks(config))
     finally:
         logger.close()
     lines = [json.loads(line) for line in open(os.path.join(config.output_dir, "metrics.jsonl"))]

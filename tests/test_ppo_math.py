@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrlhf import ppo_math
+from jaxrlhf.config import PRESETS
+from jaxrlhf.models.outputs import next_token_logprobs
+from jaxrlhf.rl import ppo_math
 
 
 def test_kl_estimators_hand_worked():
@@ -161,7 +163,7 @@ def test_deepspeed_chat_pipeline_matches_transcription(score_position, plus_one)
     start = prompt_length - 1
     action_mask = attention_mask[:, 1:].astype(np.float32)
     action_mask[:, :start] = 0
-    preset = ppo_math.PRESETS["deepspeed_chat"]
+    preset = PRESETS["deepspeed_chat"]
 
     @jax.jit
     def pipeline(logprobs, ref_logprobs, score, values, action_mask):
@@ -268,7 +270,7 @@ def test_value_loss_hand_worked():
 
 def test_logprobs_and_entropy_from_logits():
     logits = jnp.array([[[0.0, math.log(3.0)], [1e4, 0.0]]], jnp.bfloat16)  # [1, 2, 2]
-    logprobs = jax.jit(ppo_math.logprobs_from_logits)(logits, jnp.array([[1, 0]]))
+    logprobs = jax.jit(next_token_logprobs)(jnp.pad(logits, ((0, 0), (0, 1), (0, 0))), jnp.array([[9, 1, 0]]))
     assert logprobs.dtype == jnp.float32
     np.testing.assert_allclose(logprobs, [[math.log(0.75), 0.0]], atol=1e-2)
 
@@ -286,8 +288,8 @@ def test_adaptive_kl_update():
 
 
 def test_presets_share_fields_and_match_deepspeed_chat():
-    assert set(ppo_math.PRESETS["deepspeed_chat"]) == set(ppo_math.PRESETS["stable"])
-    deepspeed_chat = ppo_math.PRESETS["deepspeed_chat"]
+    assert set(PRESETS["deepspeed_chat"]) == set(PRESETS["stable"])
+    deepspeed_chat = PRESETS["deepspeed_chat"]
     assert deepspeed_chat["kl_coef"] == 0.1 and deepspeed_chat["kl_estimator"] == "k1"
     assert deepspeed_chat["clip_reward_value"] == 5.0 and deepspeed_chat["score_position"] == "after_last"
     assert (deepspeed_chat["cliprange"], deepspeed_chat["cliprange_value"]) == (0.2, 0.2)

@@ -6,7 +6,7 @@ import filecmp
 import pytest
 
 from pipeline_helpers import train
-from jaxrlhf.runtime import SIGKILL_AFTER_CHECKPOINT
+from jaxrlhf.checkpoint import SIGKILL_AFTER_CHECKPOINT
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import pytest
 from hf_fixtures import padded_batch, save_tiny_model
 from jaxrlhf.models import ValueModel, load_pretrained
 from jaxrlhf.parallel import TRAINING_RULES, batch_sharding, make_mesh
-from jaxrlhf.reward import make_reward_loss
-from jaxrlhf.training import init_train_state, make_optimizer, make_train_step, split_for_training
+from jaxrlhf.steps.reward_model import make_reward_loss
+from jaxrlhf.train_state import init_train_state, make_optimizer, make_train_step, split_for_training
 
 OPTIMIZER = types.SimpleNamespace(learning_rate=3e-3, weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8,
                                   schedule="constant", warmup_steps=0, max_grad_norm=1.0, min_lr_ratio=1.0)

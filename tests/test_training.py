@@ -9,12 +9,13 @@ import pytest
 from flax import nnx
 
 from hf_fixtures import padded_batch, save_tiny_model
-from jaxrlhf.compile_counter import CompileCounter
-from jaxrlhf.losses import language_model_loss, next_token_logprobs
+from jaxrlhf.metrics import CompileCounter
+from jaxrlhf.models.outputs import next_token_logprobs
+from jaxrlhf.steps.losses import language_model_loss
 from jaxrlhf.models import load_pretrained
 from jaxrlhf.models.lora import apply_lora
 from jaxrlhf.parallel import TRAINING_RULES, batch_sharding, make_mesh
-from jaxrlhf.training import (init_train_state, learning_rate_schedule, make_optimizer, make_train_step,
+from jaxrlhf.train_state import (init_train_state, learning_rate_schedule, make_optimizer, make_train_step,
                               split_for_training)
 
 OPTIMIZER = types.SimpleNamespace(learning_rate=1e-2, weight_decay=0.01, b1=0.9, b2=0.95, eps=1e-8,

@@ -2,13 +2,14 @@
 
 from jaxrlhf.data.batches import BatchIterator, BatchPosition
 from jaxrlhf.data.builtin import (
+    BUILTIN,
     builtin_pretraining_texts,
     builtin_records,
     builtin_tokenizer,
     gold_reward,
 )
 from jaxrlhf.data.records import BadRecordReport, Record
-from jaxrlhf.data.sources import VALID_LAYOUTS, DataSource, load_source
+from jaxrlhf.data.sources import LAYOUT_NAMES, DataSource, load_source
 from jaxrlhf.data.split import STEPS, StepData, parse_data_split, step_records
 from jaxrlhf.data.tokenize import (
     tokenize_pairs,
@@ -18,6 +19,7 @@ from jaxrlhf.data.tokenize import (
 )
 
 __all__ = [
+    "BUILTIN",
     "BadRecordReport",
     "BatchIterator",
     "BatchPosition",
@@ -25,7 +27,7 @@ __all__ = [
     "Record",
     "STEPS",
     "StepData",
-    "VALID_LAYOUTS",
+    "LAYOUT_NAMES",
     "builtin_pretraining_texts",
     "builtin_records",
     "builtin_tokenizer",

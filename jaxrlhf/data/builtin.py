@@ -46,6 +46,8 @@ from transformers import PreTrainedTokenizerFast
 
 from jaxrlhf.data.records import Record
 
+BUILTIN = "builtin"  # the name of the built-in task (a data layout and path) and of the built-in model
+
 CATEGORIES = {
     "fruits": ("apple", "pear", "plum", "grape", "lemon", "mango", "peach", "cherry"),
     "colors": ("red", "blue", "green", "yellow", "pink", "brown", "black", "white"),

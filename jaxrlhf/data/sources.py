@@ -18,7 +18,7 @@ from typing import Protocol
 
 import datasets
 
-from jaxrlhf.data.builtin import DEFAULT_SIZE, builtin_records
+from jaxrlhf.data.builtin import BUILTIN, DEFAULT_SIZE, builtin_records
 from jaxrlhf.data.records import BadRecordReport, Record
 
 
@@ -125,8 +125,7 @@ LAYOUTS = {
     "shp": Layout(("history", "human_ref_A", "human_ref_B", "labels"), _shp),
     "prompt-response": Layout(("prompt", "response"), _prompt_response),
 }
-BUILTIN_LAYOUT = "builtin"
-VALID_LAYOUTS = (*LAYOUTS, BUILTIN_LAYOUT)
+LAYOUT_NAMES = (BUILTIN, *LAYOUTS)  # every value a source's `layout` may take
 
 
 def _read_table(path: str) -> datasets.Dataset:
@@ -149,10 +148,10 @@ def _read_table(path: str) -> datasets.Dataset:
 
 def _builtin_size(path: str) -> int:
     """'builtin' or '' for the default size, 'builtin:<records>' for another."""
-    if path in ("", BUILTIN_LAYOUT):
+    if path in ("", BUILTIN):
         return DEFAULT_SIZE
     prefix, _, size = path.partition(":")
-    if prefix != BUILTIN_LAYOUT or not size.isdigit():
+    if prefix != BUILTIN or not size.isdigit():
         raise ValueError(f"builtin source path must be 'builtin' or 'builtin:<records>', got {path!r}")
     return int(size)
 
@@ -162,11 +161,11 @@ def load_source(source: DataSource, seed: int) -> tuple[list[Record], BadRecordR
 
     `seed` only matters for the builtin layout, whose records are generated from it.
     """
-    if source.layout == BUILTIN_LAYOUT:
+    if source.layout == BUILTIN:
         records = builtin_records(size=_builtin_size(source.path), seed=seed)
         return records, BadRecordReport(rows=len(records), kept=len(records))
     if source.layout not in LAYOUTS:
-        raise ValueError(f"unknown data layout {source.layout!r}; valid layouts: {', '.join(VALID_LAYOUTS)}")
+        raise ValueError(f"unknown data layout {source.layout!r}; valid layouts: {', '.join(LAYOUT_NAMES)}")
     layout = LAYOUTS[source.layout]
     table = _read_table(source.path)
     missing = [column for column in layout.columns if column not in table.column_names]

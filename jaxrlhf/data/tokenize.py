@@ -44,11 +44,16 @@ def _leading_special_ids(tokenizer) -> list[int]:
     return []
 
 
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, or its EOS id when it has none (Meta-Llama-3's has no pad token).
+    Safe because answers and padding are read by masks, never by pad ids."""
+    return tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+
+
 def _eos_and_pad(tokenizer) -> tuple[int, int]:
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return tokenizer.eos_token_id, pad
+    return tokenizer.eos_token_id, pad_token_id(tokenizer)
 
 
 def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:

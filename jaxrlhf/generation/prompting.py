@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxrlhf.data.tokenize import pad_token_id
+
 
 def left_padded_batch(tokenizer, prompts: list[str], max_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """int32 ids and mask [batch, width]: prompts right-aligned (generation continues from the last
@@ -12,8 +14,7 @@ def left_padded_batch(tokenizer, prompts: list[str], max_len: int | None = None)
     if max_len is not None:
         encoded = [ids[-max_len:] for ids in encoded]
     width = max(len(ids) for ids in encoded)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = np.full((len(prompts), width), pad, np.int32)
+    ids = np.full((len(prompts), width), pad_token_id(tokenizer), np.int32)
     mask = np.zeros((len(prompts), width), np.int32)
     for row, tokens in enumerate(encoded):
         ids[row, width - len(tokens):] = tokens
@@ -47,8 +48,7 @@ class TextGenerator:
         self.tokenizer = load_tokenizer(model_dir)
         model = load_pretrained(model_dir, dtype=dtype, param_dtype=dtype)
         self.max_len = model.config.max_position_embeddings
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        settings = SamplingSettings(eos_id=eos, pad_id=eos if pad is None else pad, **sampling)
+        settings = SamplingSettings(eos_id=self.tokenizer.eos_token_id, pad_id=pad_token_id(self.tokenizer), **sampling)
         self.max_new_tokens = settings.max_new_tokens
         graphdef, state = nnx.split(model)
         mesh = make_mesh(data=1, fsdp=1, tensor=tensor_parallel, devices=jax.devices()[:tensor_parallel])

@@ -3,9 +3,9 @@
 from jaxrlhf.models.config import SUPPORTED_MODEL_TYPES, DecoderConfig
 from jaxrlhf.models.decoder import CausalLM, Decoder, ValueModel, positions_from_mask
 from jaxrlhf.models.factory import create_model
-from jaxrlhf.models.hf_io import load_pretrained, load_tokenizer, read_hf_config, save_pretrained
+from jaxrlhf.models.hf_io import export_model, load_pretrained, load_tokenizer, read_hf_config, save_pretrained
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES", "DecoderConfig", "CausalLM", "Decoder", "ValueModel", "positions_from_mask",
-    "create_model", "load_pretrained", "load_tokenizer", "read_hf_config", "save_pretrained",
+    "create_model", "export_model", "load_pretrained", "load_tokenizer", "read_hf_config", "save_pretrained",
 ]

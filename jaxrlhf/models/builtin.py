@@ -11,6 +11,7 @@ import jax
 from jaxrlhf.models.config import DecoderConfig
 from jaxrlhf.models.factory import create_model
 from jaxrlhf.models.hf_io import load_tokenizer, save_pretrained
+from jaxrlhf.parallel.mesh import barrier
 
 BUILTIN_VERSION = "v1"
 # About 0.8M parameters: a 2-core CPU trains it through all three steps in minutes.
@@ -23,10 +24,7 @@ def builtin_model_dir(cache_dir: str, seed: int = 0) -> str:
     path = os.path.join(cache_dir, f"builtin-model-{BUILTIN_VERSION}-seed{seed}")
     if jax.process_index() == 0 and not os.path.exists(os.path.join(path, "model.safetensors")):
         _build(path, seed)
-    if jax.process_count() > 1:  # the others wait for it (cache_dir is on a shared filesystem)
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"jaxrlhf builtin model {path}")
+    barrier(f"jaxrlhf builtin model {path}")  # the others wait for it (cache_dir is on a shared filesystem)
     return path
 
 

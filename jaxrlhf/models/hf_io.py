@@ -20,7 +20,7 @@ from jaxrlhf.models.config import LLAMA_FAMILY, DecoderConfig
 from jaxrlhf.models.decoder import CausalLM, ValueModel
 from jaxrlhf.models.layers import LoraParam
 from jaxrlhf.models.safetensors_io import index_checkpoint, write_safetensors
-from jaxrlhf.parallel.mesh import to_host
+from jaxrlhf.parallel.mesh import barrier, to_host
 from jaxrlhf.parallel.rules import TRAINING_RULES, Rules, state_shardings
 
 # Our module names -> the family's names in HF state dicts.
@@ -223,3 +223,14 @@ def load_tokenizer(path: str):
     if not any(os.path.exists(os.path.join(path, name)) for name in names):
         raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
     return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def export_model(model, directory: str, tokenizer_source: str, extra_config: dict | None = None) -> str:
+    """Writes model (LoRA merged) + config + tokenizer files that transformers loads."""
+    tokenizer = load_tokenizer(tokenizer_source)
+    extra = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, **(extra_config or {})}
+    save_pretrained(model, directory, extra_config=extra)
+    if jax.process_index() == 0:
+        tokenizer.save_pretrained(directory)
+    barrier(f"jaxrlhf export {directory}")  # later steps on every process read what process 0 wrote
+    return directory

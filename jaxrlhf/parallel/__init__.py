@@ -1,6 +1,6 @@
 """Device mesh, sharding rules (training = FSDP, generation = tensor parallel), resharding."""
 
-from jaxrlhf.parallel.mesh import MESH_AXES, make_mesh, maybe_initialize_distributed, to_host
+from jaxrlhf.parallel.mesh import MESH_AXES, barrier, make_mesh, maybe_initialize_distributed, to_host
 from jaxrlhf.parallel.rules import (
     GENERATION_RULES,
     TRAINING_RULES,
@@ -13,6 +13,6 @@ from jaxrlhf.parallel.rules import (
 )
 
 __all__ = [
-    "MESH_AXES", "make_mesh", "maybe_initialize_distributed", "to_host", "GENERATION_RULES", "TRAINING_RULES",
+    "MESH_AXES", "barrier", "make_mesh", "maybe_initialize_distributed", "to_host", "GENERATION_RULES", "TRAINING_RULES",
     "batch_sharding", "logical_to_spec", "param_specs", "reshard", "shard_model", "state_shardings",
 ]

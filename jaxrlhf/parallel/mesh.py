@@ -64,6 +64,14 @@ def maybe_initialize_distributed(mode: str = "auto", coordinator_address: str | 
     return True
 
 
+def barrier(name: str) -> None:
+    """All processes wait here until each has arrived (a no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def to_host(array) -> np.ndarray:
     """The whole value of a (possibly sharded, possibly multi-process) array as numpy, on every process."""
     if jax.process_count() > 1 and not array.is_fully_addressable:

@@ -196,15 +196,20 @@ def _flash_decoding_kernel(q_gmem, k_gmem, v_gmem, start_gmem, end_gmem, out_gme
         in_layout(jnp.zeros((TILE_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
     )
     acc, running_max, running_sum = lax.fori_loop(0, num_blocks, attend_block, init)
+    _write_split(acc, running_max, running_sum, out_smem, lse_smem, out_gmem.at[b, h, s], lse_gmem.at[b, h, s],
+                 out_rows)
 
-    # A split with no valid key has running_sum == 0: zero output, and an lse that weighs nothing.
+
+def _write_split(acc, running_max, running_sum, out_smem, lse_smem, out_gmem, lse_gmem, out_rows: int):
+    """Normalises the split's output and writes its first `out_rows` rows and their log-sum-exps.
+    A split with no valid key has running_sum == 0: a zero output, and an lse that weighs nothing."""
     has_keys = running_sum > 0
     safe_sum = jnp.where(has_keys, running_sum, 1.0)
     out_smem[...] = acc / lax.broadcast_in_dim(safe_sum, acc.shape, [0])
     lse_smem[...] = jnp.where(has_keys, running_max + jnp.log(safe_sum), MASK_VALUE)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, out_rows)], out_gmem.at[b, h, s])
-    plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, out_rows)], lse_gmem.at[b, h, s])
+    plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, out_rows)], out_gmem)
+    plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, out_rows)], lse_gmem)
     plgpu.wait_smem_to_gmem(0)
 
 

@@ -1,4 +1,4 @@
-"""python -m jaxrlhf.chat MODEL_DIR: multi-turn chat on stdin/stdout (DeepSpeed-Chat's chatbot).
+"""python -m jaxrlhf.cli.chat MODEL_DIR: multi-turn chat on stdin/stdout (DeepSpeed-Chat's chatbot).
 
 The conversation is kept in the Anthropic-HH format the models are trained on
 ("\\n\\nHuman: ...\\n\\nAssistant: ..."); `clear` forgets it, `quit` or end of input ends.
@@ -27,7 +27,7 @@ def clean_answer(answer: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxrlhf.chat", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m jaxrlhf.cli.chat", description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)

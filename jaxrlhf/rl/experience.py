@@ -1,7 +1,7 @@
 """Turning rollouts into PPO experience: log-probs, values, scores, rewards and advantages.
 
 One jitted pure function over the four roles' states, in the training layout. Array convention
-as in `jaxrlhf.ppo_math`: per-token arrays have length T - 1 and index t is the action that
+as in `jaxrlhf.rl.ppo_math`: per-token arrays have length T - 1 and index t is the action that
 emits token t + 1; the answer starts at action P - 1 for a prompt of (padded) length P.
 """
 
@@ -11,12 +11,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from jaxrlhf.losses import next_token_logprobs
-from jaxrlhf.ppo_math import (gae_advantages, kl_penalty, masked_mean, masked_whiten, reward_span_mask,
+from jaxrlhf.models.outputs import next_token_logprobs
+from jaxrlhf.rl.roles import RoleGraphs, RoleStates
+from jaxrlhf.rl.ppo_math import (gae_advantages, kl_penalty, masked_mean, masked_whiten, reward_span_mask,
                               token_rewards)
-from jaxrlhf.reward_losses import sequence_scores
+from jaxrlhf.models.outputs import sequence_scores
 
 
 @jax.tree_util.register_dataclass
@@ -35,9 +35,9 @@ class Experience:
     kept: jax.Array  # [batch] 1 for rows that take part (answers longer than one token, by default)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RewardSettings:
-    """The static part of the reward and advantage computation (from PPOConfig)."""
+    """The static part of the reward and advantage computation."""
 
     kl_estimator: str
     clip_reward_value: float
@@ -47,6 +47,11 @@ class RewardSettings:
     whiten_advantages: bool
     short_answer: str  # "drop" or "penalize"
     short_answer_penalty: float
+
+    @classmethod
+    def from_config(cls, ppo) -> RewardSettings:
+        """The fields of the same names in a PPOConfig."""
+        return cls(**{field.name: getattr(ppo, field.name) for field in dataclasses.fields(cls)})
 
 
 def answer_action_mask(attention_mask, prompt_len: int):
@@ -95,22 +100,19 @@ def make_experience(actor, reference, critic, reward_model, tokens, attention_ma
         "value_mean": masked_mean(old_values, action_mask),
         "return_mean": masked_mean(returns, action_mask),
     }
-    experience = Experience(tokens, attention_mask, action_mask, span_mask, old_logprobs, ref_logprobs, old_values,
-                            advantages, returns, scores, kept)
+    experience = Experience(tokens=tokens, attention_mask=attention_mask, action_mask=action_mask, span_mask=span_mask,
+                            old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=old_values,
+                            advantages=advantages, returns=returns, scores=scores, kept=kept)
     return experience, stats
 
 
-def make_experience_fn(graphdefs: dict, settings: RewardSettings, prompt_len: int):
-    """A jitted `(states, tokens, attention_mask, kl_coef) -> (Experience, stats)`.
-
-    `states` maps each role ("actor", "reference", "critic", "reward_model") to its
-    (params, frozen) pair; `graphdefs` maps it to its graph.
-    """
+def make_experience_fn(graphs: RoleGraphs, settings: RewardSettings, prompt_len: int):
+    """A jitted `(states: RoleStates, tokens, attention_mask, kl_coef) -> (Experience, stats)`."""
 
     @jax.jit
-    def experience_fn(states, tokens, attention_mask, kl_coef):
-        models = {role: nnx.merge(graphdefs[role], *states[role]) for role in graphdefs}
-        return make_experience(models["actor"], models["reference"], models["critic"], models["reward_model"],
+    def experience_fn(states: RoleStates, tokens, attention_mask, kl_coef):
+        return make_experience(states.actor.model(graphs.actor), states.reference.model(graphs.reference),
+                               states.critic.model(graphs.critic), states.reward_model.model(graphs.reward_model),
                                tokens, attention_mask, prompt_len, kl_coef, settings)
 
     return experience_fn

@@ -17,9 +17,10 @@ from flax import nnx
 
 from jaxrlhf.data.batches import BatchIterator, BatchPosition
 from jaxrlhf.metrics import progress
-from jaxrlhf.runtime import (RunContext, count_params, maybe_kill_after_checkpoint, throughput,
-                             training_flops_per_token)
-from jaxrlhf.training import (LossFn, init_train_state, learning_rate_schedule, make_eval_step, make_optimizer,
+from jaxrlhf.checkpoint import maybe_kill_after_checkpoint
+from jaxrlhf.metrics import count_params, throughput, training_flops_per_token
+from jaxrlhf.run_context import RunContext
+from jaxrlhf.train_state import (LossFn, init_train_state, learning_rate_schedule, make_eval_step, make_optimizer,
                               make_train_step, split_for_training)
 
 
@@ -74,15 +75,12 @@ def train_supervised(ctx: RunContext, job: SupervisedJob, model: nnx.Module):
                              process_index=jax.process_index(), process_count=jax.process_count())
     checkpointer, latest = ctx.open_checkpoints(job.name)
 
-    def saved(state):
-        return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
-
     evaluate_now = lambda: evaluate(ctx, eval_step, state.params, state.frozen, job.eval_arrays,
                                     stage.batch_size, stage.eval_batches)
     start = 0
     if latest is not None:
-        restored, metadata = checkpointer.restore(saved(state))
-        state = dataclasses.replace(state, **restored)
+        restored, metadata = checkpointer.restore(state.checkpoint_tree())
+        state = state.restored(restored)
         iterator.position = BatchPosition(**metadata["position"])
         start, first_eval = int(restored["step"]), metadata["first_eval"]
         print(f"[{job.name}] resumed from step {start} ({checkpointer.directory})", flush=True)
@@ -109,7 +107,7 @@ def train_supervised(ctx: RunContext, job: SupervisedJob, model: nnx.Module):
         if stage.eval_every and done % stage.eval_every == 0 and done != steps:
             ctx.logger.log(done, evaluate_now(), prefix=f"{job.name}/eval")
         metadata = {"position": dataclasses.asdict(iterator.position), "first_eval": first_eval}
-        if checkpointer.save(done, saved(state), metadata, force=done == steps):
+        if checkpointer.save(done, state.checkpoint_tree(), metadata, force=done == steps):
             maybe_kill_after_checkpoint(done)
     bar.close()
     last_eval = evaluate_now()

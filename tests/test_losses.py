@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrlhf import reward_losses
+from jaxrlhf.models.outputs import sequence_scores
+from jaxrlhf.steps import losses
 
 LOG2 = math.log(2.0)
 
@@ -14,7 +15,7 @@ LOG2 = math.log(2.0)
 def test_sequence_scores_either_padding_side():
     values = jnp.array([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0], [9.0, 10.0, 11.0, 12.0]])
     mask = jnp.array([[1, 1, 1, 0], [0, 0, 1, 1], [0, 1, 1, 0]])  # right, left, both sides
-    np.testing.assert_allclose(jax.jit(reward_losses.sequence_scores)(values, mask), [3.0, 8.0, 11.0])
+    np.testing.assert_allclose(jax.jit(sequence_scores)(values, mask), [3.0, 8.0, 11.0])
 
 
 def test_final_token_loss_hand_worked_with_left_and_right_padding():
@@ -23,9 +24,9 @@ def test_final_token_loss_hand_worked_with_left_and_right_padding():
     chosen_mask = jnp.array([[1, 1, 0], [0, 1, 1]])
     rejected_values = jnp.array([[0.0, 99.0, 99.0], [-99.0, 0.2, 0.5]])
     rejected_mask = jnp.array([[1, 0, 0], [0, 1, 1]])
-    chosen = reward_losses.sequence_scores(chosen_values, chosen_mask)
-    rejected = reward_losses.sequence_scores(rejected_values, rejected_mask)
-    loss_fn = jax.jit(reward_losses.pairwise_loss_final_token)
+    chosen = sequence_scores(chosen_values, chosen_mask)
+    rejected = sequence_scores(rejected_values, rejected_mask)
+    loss_fn = jax.jit(losses.pairwise_loss_final_token)
     # Pair 0: c - r = log 3 -> -log(3/4); pair 1: c - r = 0 -> log 2.
     np.testing.assert_allclose(loss_fn(chosen, rejected), (math.log(4 / 3) + LOG2) / 2, rtol=1e-6)
     # Centering adds coef * mean((c + r)^2) = 0.5 * ((log 3)^2 + 1^2) / 2.
@@ -61,7 +62,7 @@ def test_deepspeed_chat_loss_hand_worked():
             [100.0, 100.0, 0.9, -50.0, -50.0, 0.0],
         ]
     )
-    loss, chosen_scores, rejected_scores = jax.jit(reward_losses.pairwise_loss_deepspeed_chat)(
+    loss, chosen_scores, rejected_scores = jax.jit(losses.pairwise_loss_deepspeed_chat)(
         chosen_values, rejected_values, chosen_ids, rejected_ids, chosen_mask, rejected_mask
     )
     pair0 = (math.log(4 / 3) + LOG2) / 2  # span [2, 4): gaps log 3 and 0
@@ -115,7 +116,7 @@ def test_deepspeed_chat_loss_matches_transcription_on_random_right_padded_pairs(
     rejected_values = rng.normal(size=(batch, seq_len)).astype(np.float32)
     rejected_values[0] = chosen_values[0]  # the model scores identical inputs identically
 
-    got = reward_losses.pairwise_loss_deepspeed_chat(
+    got = losses.pairwise_loss_deepspeed_chat(
         chosen_values, rejected_values, chosen_ids, rejected_ids, chosen_ids != pad, rejected_ids != pad
     )
     expected = deepspeed_chat_loss(chosen_values, rejected_values, chosen_ids, rejected_ids, pad)
@@ -129,7 +130,7 @@ def test_deepspeed_chat_loss_left_padding_with_equal_padding():
     rejected_ids = jnp.array([[pad, pad, 5, 6, 8]])
     chosen_values = jnp.array([[9.0, 9.0, -100.0, -100.0, 0.0]])
     rejected_values = jnp.array([[-9.0, -9.0, 100.0, 100.0, 0.0]])
-    loss, chosen_scores, rejected_scores = reward_losses.pairwise_loss_deepspeed_chat(
+    loss, chosen_scores, rejected_scores = losses.pairwise_loss_deepspeed_chat(
         chosen_values, rejected_values, chosen_ids, rejected_ids, chosen_ids != pad, rejected_ids != pad
     )
     np.testing.assert_allclose(loss, LOG2, rtol=1e-6)  # only the last position differs
@@ -138,5 +139,5 @@ def test_deepspeed_chat_loss_left_padding_with_equal_padding():
 
 
 def test_pairwise_accuracy_counts_ties_as_wrong():
-    accuracy = jax.jit(reward_losses.pairwise_accuracy)(jnp.array([1.0, 2.0, 3.0]), jnp.array([0.0, 2.0, 4.0]))
+    accuracy = jax.jit(losses.pairwise_accuracy)(jnp.array([1.0, 2.0, 3.0]), jnp.array([0.0, 2.0, 4.0]))
     np.testing.assert_allclose(accuracy, 1 / 3, rtol=1e-6)

@@ -13,13 +13,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
-from jaxrlhf.experience import Experience
-from jaxrlhf.losses import language_model_loss, next_token_logprobs
-from jaxrlhf.ppo_math import actor_loss, entropy_from_logits, value_loss
-from jaxrlhf.training import TrainState, accumulate_gradients, global_norm
+from jaxrlhf.rl.experience import Experience
+from jaxrlhf.models.outputs import next_token_logprobs
+from jaxrlhf.steps.losses import language_model_loss
+from jaxrlhf.rl.ppo_math import actor_loss, entropy_from_logits, value_loss
+from jaxrlhf.train_state import TrainState, accumulate_gradients, global_norm
 
 
 @jax.tree_util.register_dataclass
@@ -29,10 +29,16 @@ class PPOState:
     critic: TrainState
     ema: nnx.State | None  # moving average of the actor's trainable params (None when off)
 
+    def checkpoint_tree(self) -> dict:
+        return {"actor": self.actor.checkpoint_tree(), "critic": self.critic.checkpoint_tree(), "ema": self.ema}
 
-@dataclasses.dataclass(frozen=True)
+    def restored(self, tree: dict) -> PPOState:
+        return PPOState(self.actor.restored(tree["actor"]), self.critic.restored(tree["critic"]), tree["ema"])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class UpdateSettings:
-    """The static part of the update (from PPOConfig)."""
+    """The static part of the update."""
 
     ppo_epochs: int
     num_minibatches: int
@@ -43,6 +49,11 @@ class UpdateSettings:
     entropy_coef: float
     unsup_coef: float
     ema_decay: float
+
+    @classmethod
+    def from_config(cls, ppo) -> UpdateSettings:
+        """The fields of the same names in a PPOConfig."""
+        return cls(**{field.name: getattr(ppo, field.name) for field in dataclasses.fields(cls)})
 
 
 def actor_objective(settings: UpdateSettings):
@@ -83,12 +94,6 @@ def critic_objective(settings: UpdateSettings):
     return loss_fn
 
 
-def optimizer_step(state: TrainState, grads, optimizer: optax.GradientTransformation) -> TrainState:
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    return dataclasses.replace(state, step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                               opt_state=opt_state)
-
-
 def make_ppo_update(actor_graphdef, critic_graphdef, actor_optimizer, critic_optimizer, settings: UpdateSettings):
     """A jitted `(state, experience, ptx, key) -> (state, metrics)`; `ptx` holds one pretraining
     batch per minibatch ([num_minibatches, rows, seq] arrays) or is None. The state is donated."""
@@ -100,8 +105,8 @@ def make_ppo_update(actor_graphdef, critic_graphdef, actor_optimizer, critic_opt
                                                              state.actor.frozen, batch, accumulate)
         _, critic_grads, critic_metrics = accumulate_gradients(critic_loss_fn, critic_graphdef, state.critic.params,
                                                                state.critic.frozen, batch, accumulate)
-        actor = optimizer_step(state.actor, actor_grads, actor_optimizer)
-        critic = optimizer_step(state.critic, critic_grads, critic_optimizer)
+        actor = state.actor.apply_gradients(actor_grads, actor_optimizer)
+        critic = state.critic.apply_gradients(critic_grads, critic_optimizer)
         ema = state.ema
         if ema is not None:
             decay = settings.ema_decay

@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 
 from jaxrlhf.data.tokenize import tokenize_sft
-from jaxrlhf.export import export_model
-from jaxrlhf.losses import language_model_loss
+from jaxrlhf.models import export_model
+from jaxrlhf.steps.losses import language_model_loss
 from jaxrlhf.models import load_pretrained, load_tokenizer
 from jaxrlhf.parallel.rules import TRAINING_RULES
-from jaxrlhf.runtime import RunContext
-from jaxrlhf.supervised import SupervisedJob, train_supervised
+from jaxrlhf.run_context import RunContext
+from jaxrlhf.steps.loop import SupervisedJob, train_supervised
 
 
 def run_sft(ctx: RunContext) -> dict[str, float]:

@@ -1,36 +1,25 @@
-"""Run configuration: typed dataclasses, filled from a YAML file and `key=value` overrides.
+"""The run configuration's schema: typed dataclasses, each checking its own values.
 
-    python -m jaxrlhf.train [CONFIG.yaml] [sft.optimizer.learning_rate=1e-4 steps=[sft] ...]
-
-Precedence, lowest first: dataclass defaults < the chosen PPO preset < the YAML file < the
-command line, so a value the user wrote always wins over the preset. Everything is checked
-before any work starts: an unknown key, a wrong type, a value outside its choices or range, or a
-missing file raises `ConfigError` with one line naming the dotted key (`data.sources[0].layout`).
+Every check raises `ConfigError` with one line naming the dotted key (`data.sources[0].layout`),
+before any work starts. Loading (YAML, presets, overrides) is in `jaxrlhf.config.loading`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import importlib
 import os
-import sys
 import typing
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
-import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from jaxrlhf.config.presets import PRESETS
+from jaxrlhf.data.builtin import BUILTIN
+from jaxrlhf.data.sources import LAYOUT_NAMES
+from jaxrlhf.data.split import STEPS
 
-Step = Literal["sft", "rm", "ppo"]
-PIPELINE = typing.get_args(Step)  # the order in which steps run
-DataLayout = Literal["builtin", "rm-static", "full-hh-rlhf", "synthetic-instruct-gptj-pairwise",
-                     "webgpt_comparisons", "shp", "prompt-response"]
+Step = Literal[STEPS]  # the steps, in the order they run
+DataLayout = Literal[LAYOUT_NAMES]
 Dtype = Literal["float32", "bfloat16"]
-BUILTIN = "builtin"  # the tiny built-in model / the generated built-in task
 PREVIOUS_STAGE = ""  # model path meaning "the output of the earlier step of this run"
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -171,50 +160,57 @@ class DataConfig:
 
 
 @dataclass
-class SFTConfig:
-    """Step 1: supervised fine-tuning on prompt + chosen response."""
+class SupervisedStepConfig:
+    """What steps 1 and 2 share: the model, its optimizer and adapters, the batch and the loop."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    batch_size: int = 32  # sequences per optimizer step, over all devices
+    batch_size: int = 32  # sequences (SFT) or pairs (RM) per optimizer step, over all devices
     grad_accum_steps: int = 1  # micro-batches per optimizer step; must divide batch_size
     max_seq_len: int = 48
     max_steps: int = 400  # optimizer steps; when > 0 it wins over num_epochs
     num_epochs: int = 1  # used only when max_steps == 0
     eval_every: int = 100  # optimizer steps between evaluations; 0 = none during training
     eval_batches: int = 8
+
+    def validate(self, key: str) -> None:
+        self.model.validate(f"{key}.model")
+        self.optimizer.validate(f"{key}.optimizer")
+        self.lora.validate(f"{key}.lora")
+        _at_least(self, key, 1, "batch_size", "grad_accum_steps", "num_epochs", "eval_batches")
+        _at_least(self, key, 2, "max_seq_len")
+        _at_least(self, key, 0, "max_steps", "eval_every")
+        _require_master_weights(self.model, self.lora, f"{key}.model")
+        _require(self.batch_size % self.grad_accum_steps == 0, f"{key}.grad_accum_steps",
+                 f"{self.grad_accum_steps} does not divide batch_size={self.batch_size}")
+
+
+@dataclass
+class SFTConfig(SupervisedStepConfig):
+    """Step 1: supervised fine-tuning on prompt + chosen response."""
+
     loss_on: Literal["response", "all"] = "response"  # which tokens the language-model loss covers
     packing: bool = False  # concatenate examples into full-length rows
 
     def validate(self, key: str) -> None:
         _require(self.model.path != PREVIOUS_STAGE, f"{key}.model.path",
                  "must be a model directory or 'builtin' (SFT has no earlier step to start from)")
-        _validate_training(self, key)
-        _at_least(self, key, 1, "num_epochs")
+        super().validate(key)
 
 
 @dataclass
-class RMConfig:
+class RMConfig(SupervisedStepConfig):
     """Step 2: a reward model trained on (chosen, rejected) pairs."""
 
     # Model path "" = this run's SFT output (the built-in model when the run has no SFT step).
     model: ModelConfig = field(default_factory=lambda: ModelConfig(path=PREVIOUS_STAGE))
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    batch_size: int = 32  # pairs per optimizer step, over all devices
-    grad_accum_steps: int = 1  # micro-batches per optimizer step; must divide batch_size
-    max_seq_len: int = 48
-    max_steps: int = 300  # optimizer steps; when > 0 it wins over num_epochs
-    num_epochs: int = 1  # used only when max_steps == 0
-    eval_every: int = 100  # optimizer steps between evaluations; 0 = none during training
-    eval_batches: int = 8
+    max_steps: int = 300
     loss: Literal["final_token", "deepspeed_chat"] = "final_token"  # score at the last token / over the divergent span
     centering_coef: float = 0.0  # weight of a mean(reward^2) penalty that keeps rewards near 0
 
     def validate(self, key: str) -> None:
-        _validate_training(self, key)
-        _at_least(self, key, 1, "num_epochs")
+        super().validate(key)
         _at_least(self, key, 0, "centering_coef")
 
 
@@ -250,7 +246,7 @@ class PPOConfig:
     critic_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(learning_rate=5e-4))
     actor_lora: LoRAConfig = field(default_factory=LoRAConfig)
     critic_lora: LoRAConfig = field(default_factory=LoRAConfig)
-    preset: str = "stable"  # a set of defaults for the fields below, from jaxrlhf.ppo_math.PRESETS
+    preset: str = "stable"  # named values for the fields below (jaxrlhf/config/presets.py); these defaults are "stable"
     kl_coef: float = 0.1  # weight of the per-token KL penalty to the reference (SFT) policy
     kl_estimator: Literal["k1", "k3"] = "k1"  # log-ratio, or the unbiased non-negative k3
     adaptive_kl: bool = False  # steer kl_coef towards kl_target (Ziegler et al.)
@@ -261,9 +257,9 @@ class PPOConfig:
     cliprange_value: float = 0.2  # value clip around the rollout values
     gamma: float = 1.0
     lam: float = 0.95  # GAE lambda
-    whiten_advantages: bool = False
+    whiten_advantages: bool = True
     score_position: Literal["last_token", "after_last"] = "last_token"  # which token receives the score
-    dual_clip: float | None = None  # dual-clip PPO bound on negative advantages (> 1); None = off
+    dual_clip: float | None = 3.0  # dual-clip PPO bound on negative advantages (> 1); None = off
     entropy_coef: float = 0.0
     ppo_epochs: int = 2  # passes over each rollout batch
     num_minibatches: int = 4  # optimizer steps per pass; must divide prompts_per_iteration
@@ -279,9 +275,9 @@ class PPOConfig:
     ema_decay: float = 0.9  # exponential moving average of the actor; 0 = off
     eval_prompts: int = 256
 
-    def validate(self, key: str, presets: Mapping[str, Mapping]) -> None:
-        _require(self.preset in presets, f"{key}.preset",
-                 f"{self.preset!r} is not one of {', '.join(presets)}")
+    def validate(self, key: str) -> None:
+        _require(self.preset in PRESETS, f"{key}.preset",
+                 f"{self.preset!r} is not one of {', '.join(PRESETS)}")
         for section in ("actor_model", "critic_model"):
             getattr(self, section).validate(f"{key}.{section}")
         for section in ("actor_optimizer", "critic_optimizer"):
@@ -322,7 +318,7 @@ class CheckpointConfig:
 class RunConfig:
     """One run of the pipeline: which steps, where outputs go, and every step's settings."""
 
-    steps: list[Step] = field(default_factory=lambda: list(PIPELINE))
+    steps: list[Step] = field(default_factory=lambda: list(STEPS))
     output_dir: str = "runs/default"
     seed: int = 0
     resume: Literal["auto", "always", "never"] = "auto"  # auto: from the latest checkpoint if there is one
@@ -337,165 +333,19 @@ class RunConfig:
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
-    def validate(self, presets: Mapping[str, Mapping]) -> None:
+    def validate(self) -> None:
         _require(bool(self.steps), "steps", "is empty")
         _require(len(set(self.steps)) == len(self.steps)
-                 and self.steps == sorted(self.steps, key=PIPELINE.index), "steps",
-                 f"must be distinct and in pipeline order {', '.join(PIPELINE)}, got {', '.join(self.steps)}")
+                 and self.steps == sorted(self.steps, key=STEPS.index), "steps",
+                 f"must be distinct and in pipeline order {', '.join(STEPS)}, got {', '.join(self.steps)}")
         _require(bool(self.output_dir), "output_dir", "is empty")
         _at_least(self, "", 1, "log_every")
         for section in ("mesh", "distributed", "data", "generation", "checkpoint", "sft", "rm"):
             getattr(self, section).validate(section)
-        self.ppo.validate("ppo", presets)
+        self.ppo.validate("ppo")
         _require(self.generation.min_new_tokens <= self.ppo.max_answer_seq_len, "generation.min_new_tokens",
                  f"must not exceed ppo.max_answer_seq_len={self.ppo.max_answer_seq_len}, "
                  f"got {self.generation.min_new_tokens}")
-
-
-def load_config(argv: Sequence[str]) -> RunConfig:
-    """The validated run config from `[CONFIG.yaml] [dotted.key=value ...]`; raises ConfigError."""
-    file_layer, overrides = _read_arguments(argv)
-    presets = _ppo_presets()
-    chosen_preset = _merge_layers([file_layer], overrides).ppo.preset  # phase 1: which preset?
-    preset_layer = [(f"ppo preset {chosen_preset!r}", OmegaConf.create({"ppo": presets[chosen_preset]}))
-                    ] if chosen_preset in presets else []  # an unknown name is reported by validate
-    config = _merge_layers(preset_layer + [file_layer], overrides)  # phase 2
-    config.validate(presets)
-    return config
-
-
-def main_config_or_exit(argv: Sequence[str]) -> RunConfig:
-    """load_config for the entry point: a bad config prints `error: <message>` and exits with code 2."""
-    try:
-        return load_config(argv)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-
-
-def save_resolved_config(config: RunConfig, output_dir: str | os.PathLike) -> Path:
-    """Writes the complete config to <output_dir>/config.yaml (atomically); call it from process 0 only.
-
-    Loading that file back gives the same config: every field is written, so no preset applies on top.
-    """
-    path = Path(output_dir) / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".yaml.tmp")
-    temporary.write_text(config_yaml(config))
-    os.replace(temporary, path)
-    return path
-
-
-def config_yaml(section: object) -> str:
-    """Any config dataclass (RunConfig or one of its sections) as YAML."""
-    return OmegaConf.to_yaml(OmegaConf.structured(section))
-
-
-def config_fingerprint(section: object) -> str:
-    """A short hash of a config section, e.g. to refuse resuming a checkpoint made with other settings."""
-    return hashlib.sha256(config_yaml(section).encode()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------------------------
-# Merging and error reporting.
-
-Layer = tuple[str, DictConfig]  # (where the values came from, the values)
-
-
-def _read_arguments(argv: Sequence[str]) -> tuple[Layer, list[str]]:
-    """Splits argv into the YAML file's values (empty without a file) and the key=value overrides."""
-    if argv and argv[0].endswith((".yaml", ".yml")):
-        path, overrides = argv[0], list(argv[1:])
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            values = OmegaConf.load(path)
-        except (yaml.YAMLError, OmegaConfBaseException) as error:
-            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
-        if not isinstance(values, DictConfig):
-            raise ConfigError(f"{path}: must hold a mapping of settings, not a {type(values).__name__}")
-        file_layer = (path, values)
-    else:
-        file_layer, overrides = ("no config file", OmegaConf.create({})), list(argv)
-    for override in overrides:
-        if "=" not in override or override.startswith("="):
-            raise ConfigError(f"command-line argument {override!r} is not a dotted.key=value override"
-                              " (a config file must come first and end in .yaml or .yml)")
-    return file_layer, overrides
-
-
-def _merge_layers(layers: list[Layer], overrides: list[str]) -> RunConfig:
-    """The dataclass defaults with each layer and then each override merged on top, in order."""
-    merged = OmegaConf.structured(RunConfig)
-    for source, values in layers:
-        _check_structure(RunConfig, OmegaConf.to_container(values), "", source)
-        try:
-            merged = OmegaConf.merge(merged, values)
-        except OmegaConfBaseException as error:
-            raise _config_error(error, source) from None
-    for override in overrides:
-        source = f"command line {override!r}"
-        try:
-            _check_structure(RunConfig, OmegaConf.to_container(OmegaConf.from_dotlist([override])), "", source)
-            merged.merge_with_dotlist([override])
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{source}: value is not valid YAML: {_yaml_problem(error)}") from None
-        except OmegaConfBaseException as error:
-            raise _config_error(error, source) from None
-    try:
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as error:
-        raise _config_error(error, "config") from None
-
-
-def _check_structure(schema: object, values: object, key: str, source: str) -> None:
-    """Reports, with the full dotted key, the shape errors OmegaConf would name poorly.
-
-    A non-mapping given for a section (`sft: [1]`) and an error inside an item of a list of
-    dataclasses (`data.sources[1].layout`) come out of OmegaConf without their path.
-    """
-    if not (dataclasses.is_dataclass(schema) and isinstance(values, Mapping)):
-        return
-    field_types = typing.get_type_hints(schema)
-    for name, value in values.items():
-        if name not in field_types:
-            continue  # an unknown key: the merge itself reports it with its full path
-        field_type, field_key = field_types[name], f"{key}.{name}" if key else str(name)
-        item_type = typing.get_args(field_type)[0] if typing.get_origin(field_type) is list else None
-        if dataclasses.is_dataclass(field_type) and not isinstance(value, Mapping):
-            raise ConfigError(f"{field_key}: must be a mapping of settings, got {value!r} (from {source})")
-        if dataclasses.is_dataclass(item_type) and isinstance(value, list):
-            for index, item in enumerate(value):
-                if not isinstance(item, Mapping):
-                    raise ConfigError(f"{field_key}[{index}]: must be a mapping of settings, got {item!r}"
-                                      f" (from {source})")
-                try:
-                    OmegaConf.merge(OmegaConf.structured(item_type), item)
-                except OmegaConfBaseException as error:
-                    raise _config_error(error, source, prefix=f"{field_key}[{index}].") from None
-        _check_structure(field_type, value, field_key, source)
-
-
-def _config_error(error: OmegaConfBaseException, source: str, prefix: str = "") -> ConfigError:
-    """A one-line ConfigError from an OmegaConf error: full key, OmegaConf's reason, and the source."""
-    key = prefix + (getattr(error, "full_key", None) or "")
-    return ConfigError(f"{key or '<top level>'}: {_first_line(error)} (from {source})")
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0]  # OmegaConf's further lines repeat the key and class
-
-
-def _yaml_problem(error: Exception) -> str:
-    """What a YAML parser error found and where, on one line."""
-    mark = getattr(error, "problem_mark", None)
-    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-    return (getattr(error, "problem", None) or _first_line(error)) + where
-
-
-def _ppo_presets() -> dict[str, dict]:
-    """jaxrlhf.ppo_math.PRESETS, imported only when a config is loaded."""
-    return importlib.import_module("jaxrlhf.ppo_math").PRESETS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,20 +369,6 @@ def _require_master_weights(model: ModelConfig, lora: LoRAConfig, key: str) -> N
     _require(model.param_dtype == "float32" or lora.rank > 0, f"{key}.param_dtype",
              f"must be float32 for full fine-tuning (master weights), got {model.param_dtype}; "
              "use dtype=bfloat16 for bfloat16 compute, or LoRA to keep a bfloat16 base frozen")
-
-
-def _validate_training(stage: SFTConfig | RMConfig, key: str) -> None:
-    """The checks SFT and RM share: model, optimizer, LoRA, batch and loop sizes."""
-    stage.model.validate(f"{key}.model")
-    stage.optimizer.validate(f"{key}.optimizer")
-    stage.lora.validate(f"{key}.lora")
-    _at_least(stage, key, 1, "batch_size", "grad_accum_steps")
-    _at_least(stage, key, 2, "max_seq_len")
-    _at_least(stage, key, 0, "max_steps", "eval_every")
-    _at_least(stage, key, 1, "eval_batches")
-    _require_master_weights(stage.model, stage.lora, f"{key}.model")
-    _require(stage.batch_size % stage.grad_accum_steps == 0, f"{key}.grad_accum_steps",
-             f"{stage.grad_accum_steps} does not divide batch_size={stage.batch_size}")
 
 
 def _is_non_negative_number(text: str) -> bool:

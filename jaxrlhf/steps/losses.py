@@ -1,6 +1,7 @@
-"""Reward-model (step 2) pairwise losses and metrics as pure JAX functions.
+"""The supervised losses as pure JAX functions: the language-model loss (step 1, and PPO's
+pretraining term) and the reward model's pairwise losses (step 2).
 
-Two losses over a batch of (chosen, rejected) pairs scored per token by the
+Two reward losses over a batch of (chosen, rejected) pairs scored per token by the
 reward model's value head:
 
 * `pairwise_loss_final_token`: Bradley-Terry on one score per sequence (the
@@ -15,20 +16,19 @@ All inputs are cast to fp32; shapes are static, so everything jit-compiles.
 import jax
 import jax.numpy as jnp
 
-
-def last_token_index(attention_mask):
-    """Index of the last 1 in each row, whatever the padding side. [B, T] -> [B] int32.
-
-    A row with no 1 at all gives T - 1.
-    """
-    seq_len = attention_mask.shape[-1]
-    return seq_len - 1 - jnp.argmax(jnp.asarray(attention_mask)[:, ::-1] > 0, axis=-1)
+from jaxrlhf.models.outputs import last_token_index, next_token_logprobs
 
 
-def sequence_scores(values, attention_mask):
-    """Per-sequence score: the value at the last real token. values, attention_mask [B, T] -> [B]."""
-    index = last_token_index(attention_mask)
-    return jnp.take_along_axis(jnp.asarray(values, jnp.float32), index[:, None], axis=-1)[:, 0]
+def language_model_loss(model, batch):
+    """Mean next-token negative log-likelihood over the tokens `loss_mask` marks (prompt tokens
+    excluded unless the data says otherwise); packed rows carry positions and segment ids.
+    Returns (loss, metrics)."""
+    logits = model(batch["input_ids"], batch["attention_mask"], batch.get("positions"), batch.get("segment_ids"))
+    logprobs = next_token_logprobs(logits, batch["input_ids"])
+    mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    tokens = mask.sum()
+    loss = -(logprobs * mask).sum() / jnp.maximum(tokens, 1.0)
+    return loss, {"tokens": tokens}
 
 
 def pairwise_loss_final_token(chosen_scores, rejected_scores, *, centering_coef=0.0):

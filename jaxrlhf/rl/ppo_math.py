@@ -11,7 +11,7 @@ length L = T - 1 and index t describes the action "emit token t+1":
     action_mask[:, t] = attention_mask[:, t+1] if t >= P-1 else 0  # [batch, T-1]
 
 So the first answer token is action P-1. Build log-probs with
-`logprobs_from_logits(logits[:, :-1], tokens[:, 1:])`.
+`jaxrlhf.models.outputs.next_token_logprobs(logits, tokens)`.
 
 Everything is fp32 inside, takes hyper-parameters as keyword arguments, and is
 safe to call under `jax.jit` (string options are Python-level and static).
@@ -25,44 +25,10 @@ score one position after the last answer token (`score_position="after_last"`).
 import jax
 import jax.numpy as jnp
 
+from jaxrlhf.models.outputs import last_token_index
+
 KL_ESTIMATORS = ("k1", "k2", "k3")
 SCORE_POSITIONS = ("last_token", "after_last")
-
-PRESETS = {
-    # DeepSpeed-Chat's hard-coded DeepSpeedPPOTrainer values, reproduced exactly.
-    "deepspeed_chat": {
-        "kl_coef": 0.1,
-        "kl_estimator": "k1",
-        "clip_reward_value": 5.0,
-        "cliprange": 0.2,
-        "cliprange_value": 0.2,
-        "gamma": 1.0,
-        "lam": 0.95,
-        "whiten_advantages": False,
-        "score_position": "after_last",
-        "dual_clip": None,
-        "entropy_coef": 0.0,
-        "adaptive_kl": False,
-        "kl_target": 6.0,  # unused: the KL coefficient stays fixed
-    },
-    # Our default: what keeps PPO on small models stable.
-    "stable": {
-        "kl_coef": 0.1,  # DeepSpeed-Chat's: holds the policy near SFT where the reward model is blind
-        "kl_estimator": "k1",  # the log-ratio, whose sum over the answer is the sequence KL we report
-        "clip_reward_value": 5.0,  # bounds outlier reward-model scores
-        "cliprange": 0.2,  # standard PPO trust region
-        "cliprange_value": 0.2,  # keeps the critic near its rollout values, as the actor
-        "gamma": 1.0,  # episodic task with a terminal reward: no discounting needed
-        "lam": 0.95,  # usual bias/variance trade-off for GAE
-        "whiten_advantages": True,  # advantage scale independent of reward scale and batch
-        "score_position": "last_token",  # score lands on the token that earned it, no pad-position value
-        "dual_clip": 3.0,  # bounds the loss when a negative advantage meets a huge ratio (Ye et al. 2020)
-        "entropy_coef": 0.0,  # entropy bonus degrades text; the KL to the reference regularises
-        "adaptive_kl": False,  # a fixed coefficient is easier to reason about; the controller is an option
-        "kl_target": 6.0,  # used when adaptive_kl is on: nats per sequence, Ziegler et al.'s value
-    },
-}
-
 
 def masked_mean(x, mask, axis=None):
     """Mean of `x` over entries where mask is 1: sum(x * mask) / sum(mask).
@@ -96,18 +62,6 @@ def masked_whiten(x, mask, shift_mean=True):
     return jnp.where(jnp.asarray(mask) > 0, whitened, 0.0)
 
 
-def logprobs_from_logits(logits, tokens):
-    """Log-probability of each token under its logits, in fp32.
-
-    logits [B, T, V], tokens [B, T] -> [B, T]; computed as the gathered logit
-    minus logsumexp, which equals a log_softmax gather without materialising
-    the full [B, T, V] log-probabilities.
-    """
-    logits = jnp.asarray(logits, jnp.float32)
-    token_logits = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
-    return token_logits - jax.nn.logsumexp(logits, axis=-1)
-
-
 def entropy_from_logits(logits, mask):
     """Masked mean over tokens of the entropy of softmax(logits); logits [B, T, V], mask [B, T]."""
     log_probs = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
@@ -137,7 +91,7 @@ def _score_index(action_mask, score_position):
     length = action_mask.shape[-1]
     is_action = jnp.asarray(action_mask) > 0
     if score_position == "last_token":
-        return length - 1 - jnp.argmax(is_action[:, ::-1], axis=-1)
+        return last_token_index(is_action)
     if score_position == "after_last":
         # DeepSpeed-Chat: ends = start + mask[:, start:].sum(1) + 1 and the score
         # goes to rewards[start:ends][-1]; the slice clamps at the array end.

@@ -1,4 +1,4 @@
-"""What every training step shares: the optimizer, the sharded train state, one jitted update.
+"""What every trained model shares: the optimizer, the sharded train state, one jitted update.
 
 The model is split into a static graph, the trainable parameters (all of them, or only the LoRA
 adapters) and the frozen rest. The update is a pure function of that state and a batch:
@@ -57,6 +57,20 @@ class TrainState:
     params: nnx.State  # what the optimizer updates (float32 master weights)
     frozen: nnx.State  # everything else of the model (e.g. the base weights under LoRA)
     opt_state: Any
+
+    def checkpoint_tree(self) -> dict:
+        """What a checkpoint holds of this state (the frozen weights come from the model files)."""
+        return {"step": self.step, "params": self.params, "opt_state": self.opt_state}
+
+    def restored(self, tree: dict) -> TrainState:
+        """This state with the values of a restored `checkpoint_tree`."""
+        return dataclasses.replace(self, **tree)
+
+    def apply_gradients(self, grads, optimizer: optax.GradientTransformation) -> TrainState:
+        """One optimizer step."""
+        updates, opt_state = optimizer.update(grads, self.opt_state, self.params)
+        return dataclasses.replace(self, step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                                   opt_state=opt_state)
 
 
 def split_for_training(model: nnx.Module, lora_rank: int):
@@ -122,10 +136,8 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransfor
     def train_step(state: TrainState, batch: dict):
         loss, grads, metrics = accumulate_gradients(loss_fn, graphdef, state.params, state.frozen, batch,
                                                     num_microbatches)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, loss=loss, grad_norm=global_norm(grads))
-        return dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return state.apply_gradients(grads, optimizer), metrics
 
     return train_step
 

@@ -1,4 +1,4 @@
-"""python -m jaxrlhf.prompt_eval BASELINE_DIR FINETUNED_DIR: both models' greedy answers to the
+"""python -m jaxrlhf.cli.prompt_eval BASELINE_DIR FINETUNED_DIR: both models' greedy answers to the
 same prompts, side by side (DeepSpeed-Chat's prompt_eval.py)."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def read_prompts(path: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxrlhf.prompt_eval", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m jaxrlhf.cli.prompt_eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("baseline_dir")
     parser.add_argument("finetuned_dir")
     parser.add_argument("--prompts", help="a text file (one prompt per line) or .jsonl with a 'prompt' field")

@@ -1,11 +1,10 @@
-"""What every step of a run shares: the mesh, paths, the data feed onto devices, throughput."""
+"""What every step of a run shares: its config, mesh and logger, its paths, the data feed onto devices."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 import shutil
-import signal
 
 import jax
 import numpy as np
@@ -14,20 +13,13 @@ from jax.sharding import Mesh
 
 from jaxrlhf.checkpoint import Checkpointer
 from jaxrlhf.config import RunConfig
+from jaxrlhf.data.builtin import BUILTIN
 from jaxrlhf.data.split import step_records
 from jaxrlhf.metrics import MetricsLogger
 from jaxrlhf.models.builtin import builtin_model_dir
 from jaxrlhf.models.lora import apply_lora
+from jaxrlhf.parallel.mesh import barrier
 from jaxrlhf.parallel.rules import TRAINING_RULES, batch_sharding, reshard
-
-BUILTIN = "builtin"
-# Peak dense bf16 FLOP/s per device, for the MFU estimate (devices not listed report no MFU).
-PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12,
-              "NVIDIA A100-SXM4-40GB": 312e12, "TPU v4": 275e12, "TPU v5e": 197e12, "TPU v5p": 459e12}
-# Test hook: the process kills itself with SIGKILL right after the checkpoint of this step is
-# written, to prove that a killed run resumes exactly (see tests/test_resume.py).
-SIGKILL_AFTER_CHECKPOINT = "JAXRLHF_SIGKILL_AFTER_CHECKPOINT"
-
 
 @dataclasses.dataclass
 class RunContext:
@@ -97,35 +89,3 @@ class RunContext:
         """This process's rows of a global batch -> global arrays sharded over the data axes."""
         return {name: jax.make_array_from_process_local_data(batch_sharding(self.mesh, array.ndim), array)
                 for name, array in local_rows.items()}
-
-
-def barrier(name: str) -> None:
-    """All processes wait here (a no-op in a single-process run)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def maybe_kill_after_checkpoint(step: int) -> None:
-    if os.environ.get(SIGKILL_AFTER_CHECKPOINT) == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def count_params(tree) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
-def training_flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: int) -> float:
-    """6N for the matmuls plus attention's 12 * layers * hidden * seq (forward + backward)."""
-    return 6.0 * num_params + 12.0 * num_layers * hidden * seq_len
-
-
-def throughput(tokens: float, seconds: float, flops_per_token: float) -> dict[str, float]:
-    """tokens/s, achieved TFLOP/s and, on known devices, MFU against the peak of all devices."""
-    tflops = tokens * flops_per_token / max(seconds, 1e-9) / 1e12
-    stats = {"tokens_per_s": tokens / max(seconds, 1e-9), "tflops": tflops}
-    peak = PEAK_FLOPS.get(jax.devices()[0].device_kind)
-    if peak:
-        stats["mfu"] = tflops * 1e12 / (peak * jax.device_count())
-    return stats

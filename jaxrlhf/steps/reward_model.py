@@ -5,13 +5,13 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxrlhf.data.tokenize import tokenize_pairs
-from jaxrlhf.export import export_model
+from jaxrlhf.models import export_model
 from jaxrlhf.models import ValueModel, load_pretrained, load_tokenizer
 from jaxrlhf.parallel.rules import TRAINING_RULES
-from jaxrlhf.reward_losses import (pairwise_accuracy, pairwise_loss_deepspeed_chat, pairwise_loss_final_token,
-                                   sequence_scores)
-from jaxrlhf.runtime import RunContext
-from jaxrlhf.supervised import SupervisedJob, train_supervised
+from jaxrlhf.models.outputs import sequence_scores
+from jaxrlhf.steps.losses import pairwise_accuracy, pairwise_loss_deepspeed_chat, pairwise_loss_final_token
+from jaxrlhf.run_context import RunContext
+from jaxrlhf.steps.loop import SupervisedJob, train_supervised
 
 
 def pair_values(model, batch):

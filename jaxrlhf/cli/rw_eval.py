@@ -1,4 +1,4 @@
-"""python -m jaxrlhf.rw_eval MODEL_DIR [--pairs FILE --layout LAYOUT] [--prompt P --response R]...
+"""python -m jaxrlhf.cli.rw_eval MODEL_DIR [--pairs FILE --layout LAYOUT] [--prompt P --response R]...
 
 Scores prompt/response pairs with a reward model (a step-2 export), and reports the accuracy
 on a file of preference pairs in any supported layout (DeepSpeed-Chat's rw_eval.py).
@@ -14,10 +14,11 @@ import numpy as np
 from flax import nnx
 
 from jaxrlhf.data.records import Record
-from jaxrlhf.data.sources import VALID_LAYOUTS, load_source
+from jaxrlhf.data.builtin import BUILTIN
+from jaxrlhf.data.sources import LAYOUT_NAMES, load_source
 from jaxrlhf.data.tokenize import tokenize_pairs
 from jaxrlhf.models import ValueModel, load_pretrained, load_tokenizer
-from jaxrlhf.reward_losses import sequence_scores
+from jaxrlhf.models.outputs import sequence_scores
 
 EXAMPLES = [
     ("\n\nHuman: I am Alice. List three fruits.\n\nAssistant:", " Hi Alice! apple, pear, plum. Hope this helps!"),
@@ -54,10 +55,10 @@ def load_pairs_strict(path: str, layout: str) -> list[Record]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxrlhf.rw_eval", description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog="python -m jaxrlhf.cli.rw_eval", description=__doc__.split("\n\n")[1])
     parser.add_argument("model_dir", help="a reward model directory (e.g. <output_dir>/rm/model)")
     parser.add_argument("--pairs", help="a file of preference pairs (.json, .jsonl, .parquet or a saved dataset)")
-    parser.add_argument("--layout", default="rm-static", choices=[l for l in VALID_LAYOUTS if l != "builtin"])
+    parser.add_argument("--layout", default="rm-static", choices=[name for name in LAYOUT_NAMES if name != BUILTIN])
     parser.add_argument("--prompt", action="append", default=[], help="a prompt to score (with --response)")
     parser.add_argument("--response", action="append", default=[], help="the response to --prompt")
     parser.add_argument("--max-seq-len", type=int, default=512)

@@ -1,0 +1,74 @@
+"""The four models of step 3 as typed containers: the actor (trained), its frozen reference, the
+critic (trained) and the frozen reward model, each split into a static graph and its states."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrlhf.models import CausalLM, ValueModel, load_pretrained
+from jaxrlhf.parallel.rules import TRAINING_RULES
+from jaxrlhf.train_state import split_for_training
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ModelStates:
+    """A model's trainable parameters and frozen rest (a jit argument: a pytree)."""
+
+    params: nnx.State
+    frozen: nnx.State
+
+    def model(self, graphdef: nnx.GraphDef) -> nnx.Module:
+        return nnx.merge(graphdef, self.params, self.frozen)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RoleStates:
+    """What the experience pass reads: each role's states in the training layout."""
+
+    actor: ModelStates
+    reference: ModelStates
+    critic: ModelStates
+    reward_model: ModelStates
+
+
+@dataclasses.dataclass(frozen=True)
+class RoleGraphs:
+    """Each role's static graph (hashable: closed over by the jitted experience function)."""
+
+    actor: nnx.GraphDef
+    reference: nnx.GraphDef
+    critic: nnx.GraphDef
+    reward_model: nnx.GraphDef
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model just loaded for training: its graph and its split states."""
+
+    graphdef: nnx.GraphDef
+    states: ModelStates
+
+
+def load_model(ctx, path: str, model_config, lora=None, value_head: bool = False) -> LoadedModel:
+    """Loads a HF directory in the training (FSDP) layout, with adapters if `lora` has a rank."""
+    model = load_pretrained(path, mesh=ctx.mesh, rules=TRAINING_RULES, dtype=model_config.dtype,
+                            param_dtype=model_config.param_dtype, remat=model_config.remat,
+                            model_cls=ValueModel if value_head else CausalLM)
+    if lora is not None:
+        ctx.add_lora(model, lora)
+    graphdef, params, frozen = split_for_training(model, lora.rank if lora is not None else 0)
+    return LoadedModel(graphdef, ModelStates(params, frozen))
+
+
+def adapters_off(params: nnx.State) -> nnx.State:
+    """The actor's trainable state with every LoRA B set to zero: exactly the frozen base model,
+    which serves as the reference policy without a second copy of the weights."""
+    flat = [(path, v.replace(value=jnp.zeros_like(v.get_value())) if path[-1] == "lora_b" else v)
+            for path, v in nnx.to_flat_state(params)]
+    return nnx.from_flat_state(flat)
