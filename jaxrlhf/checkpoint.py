@@ -23,7 +23,6 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-
 # Test hook: the process kills itself with SIGKILL right after the checkpoint of this step is
 # written, to prove that a killed run resumes exactly (see tests/test_resume.py).
 SIGKILL_AFTER_CHECKPOINT = "JAXRLHF_SIGKILL_AFTER_CHECKPOINT"
@@ -43,8 +42,9 @@ class Checkpointer:
         remote = "://" in str(directory)  # e.g. gs://bucket/run: orbax reads and writes it directly
         self.directory = str(directory) if remote else os.path.abspath(directory)
         self.every_steps = every_steps
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
-                                               cleanup_tmp_directories=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=False, cleanup_tmp_directories=True
+        )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "metadata"))
 
     def should_save(self, step: int, force: bool = False) -> bool:
@@ -60,9 +60,13 @@ class Checkpointer:
             json.dumps(metadata)
         except (TypeError, ValueError) as error:
             raise TypeError(f"checkpoint metadata for step {step} is not JSON-serializable: {error}") from None
-        self._manager.save(step, force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(jax.tree.map(_key_to_data, state)),
-            metadata=ocp.args.JsonSave(metadata)))
+        self._manager.save(
+            step,
+            force=True,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(jax.tree.map(_key_to_data, state)), metadata=ocp.args.JsonSave(metadata)
+            ),
+        )
         self._manager.wait_until_finished()
         return True
 
@@ -79,11 +83,15 @@ class Checkpointer:
         `target`: a pytree like the saved one, of arrays or ShapeDtypeStructs with shardings."""
         step = self.latest_step() if step is None else step
         if step is None or step not in self._manager.all_steps():
-            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} "
-                                    f"(steps there: {self.all_steps() or 'none'})")
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(jax.tree.map(_abstract_leaf, target)),
-            metadata=ocp.args.JsonRestore()))
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {self.directory} (steps there: {self.all_steps() or 'none'})"
+            )
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(jax.tree.map(_abstract_leaf, target)), metadata=ocp.args.JsonRestore()
+            ),
+        )
         state = jax.tree.map(_data_to_key, target, restored.state)
         return state, dict(restored.metadata)
 
@@ -98,8 +106,9 @@ class Checkpointer:
 
 
 def _is_typed_key(leaf: Any) -> bool:
-    return isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)) and jax.dtypes.issubdtype(leaf.dtype,
-                                                                                          jax.dtypes.prng_key)
+    return isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)) and jax.dtypes.issubdtype(
+        leaf.dtype, jax.dtypes.prng_key
+    )
 
 
 def _key_to_data(leaf: Any) -> Any:
@@ -125,6 +134,8 @@ def _data_to_key(target_leaf: Any, restored_leaf: Any) -> Any:
     impl = jax.random.key_impl(target_leaf) if isinstance(target_leaf, jax.Array) else None
     key = jax.random.wrap_key_data(restored_leaf, impl=impl)
     if key.dtype != target_leaf.dtype:
-        raise ValueError(f"restored PRNG key has dtype {key.dtype}, the target wants {target_leaf.dtype}: "
-                         "pass a concrete key (jax.random.key) in the target instead of a ShapeDtypeStruct")
+        raise ValueError(
+            f"restored PRNG key has dtype {key.dtype}, the target wants {target_leaf.dtype}: "
+            "pass a concrete key (jax.random.key) in the target instead of a ShapeDtypeStruct"
+        )
     return key

@@ -19,10 +19,16 @@ from matplotlib.figure import Figure
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-
 # Peak dense bf16 FLOP/s per device, for the MFU estimate (devices not listed report no MFU).
-PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12,
-              "NVIDIA A100-SXM4-40GB": 312e12, "TPU v4": 275e12, "TPU v5e": 197e12, "TPU v5p": 459e12}
+PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+}
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
@@ -104,8 +110,9 @@ class MetricsLogger:
 
 def format_metrics_line(step: int, metrics: Mapping[str, float], prefix: str) -> str:
     """`[sft] step 120 | loss 2.31 | tok/s 1.2e4`: every number to 4 significant digits."""
-    return " | ".join([f"[{prefix}] step {step}"] + [f"{name} {format_number(value)}"
-                                                    for name, value in metrics.items()])
+    return " | ".join(
+        [f"[{prefix}] step {step}"] + [f"{name} {format_number(value)}" for name, value in metrics.items()]
+    )
 
 
 def format_number(value: float) -> str:
@@ -139,12 +146,12 @@ def format_summary_table(summary: Mapping) -> str:
     if not rows:
         return "(empty summary)"
     width = max(len(key) for key, _ in rows)
-    return "\n".join(f"{key:<{width}}  {format_number(value) if isinstance(value, float) else value}"
-                     for key, value in rows)
+    return "\n".join(
+        f"{key:<{width}}  {format_number(value) if isinstance(value, float) else value}" for key, value in rows
+    )
 
 
-def plot_metrics(jsonl_path: str | os.PathLike, prefix: str, keys: Iterable[str],
-                 out_png: str | os.PathLike) -> Path:
+def plot_metrics(jsonl_path: str | os.PathLike, prefix: str, keys: Iterable[str], out_png: str | os.PathLike) -> Path:
     """One subplot per metric in `keys` against step, from the `prefix` records of a metrics.jsonl.
 
     A step logged twice (a resumed run repeats steps since its checkpoint) keeps its last value.
@@ -180,8 +187,14 @@ def plot_metrics(jsonl_path: str | os.PathLike, prefix: str, keys: Iterable[str]
 
 def progress(total: int, desc: str) -> tqdm:
     """A progress bar on stderr, shown by process 0 only; redrawn at most every 30 s into a log file."""
-    return tqdm(total=total, desc=desc, file=sys.stderr, disable=jax.process_index() != 0,
-                mininterval=0.5 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        desc=desc,
+        file=sys.stderr,
+        disable=jax.process_index() != 0,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+        dynamic_ncols=True,
+    )
 
 
 def _as_float(name: str, value: object) -> float:

@@ -19,7 +19,16 @@ from jaxrlhf.metrics import MetricsLogger
 from jaxrlhf.models.builtin import builtin_model_dir
 from jaxrlhf.models.lora import apply_lora
 from jaxrlhf.parallel.mesh import barrier
-from jaxrlhf.parallel.rules import TRAINING_RULES, batch_sharding, reshard
+from jaxrlhf.parallel.rules import (
+    GENERATION_RULES,
+    TRAINING_RULES,
+    Rules,
+    activation_sharding,
+    batch_sharding,
+    reshard,
+    with_overrides,
+)
+
 
 @dataclasses.dataclass
 class RunContext:
@@ -30,6 +39,20 @@ class RunContext:
     @property
     def output_dir(self) -> str:
         return self.config.output_dir
+
+    @property
+    def rules(self) -> Rules:
+        """The training layout's rules: FSDP, with the config's overrides."""
+        return with_overrides(TRAINING_RULES, self.config.mesh.training_rules)
+
+    @property
+    def generation_rules(self) -> Rules:
+        """The generation layout's rules: tensor parallel, with the config's overrides."""
+        return with_overrides(GENERATION_RULES, self.config.mesh.generation_rules)
+
+    def activation_sharding(self):
+        """A context in which jitted training code pins its activations to the training rules."""
+        return activation_sharding(self.mesh, self.rules)
 
     @property
     def cache_dir(self) -> str:
@@ -56,11 +79,14 @@ class RunContext:
         data = self.config.data
 
         def resolved(sources):  # the built-in task's size travels in its path
-            return [dataclasses.replace(s, path=f"builtin:{data.builtin_size}") if s.layout == BUILTIN else s
-                    for s in sources]
+            return [
+                dataclasses.replace(s, path=f"builtin:{data.builtin_size}") if s.layout == BUILTIN else s
+                for s in sources
+            ]
 
-        return step_records(resolved(data.sources), step, data.data_split, data.eval_fraction, data.seed,
-                            resolved(data.eval_sources))
+        return step_records(
+            resolved(data.sources), step, data.data_split, data.eval_fraction, data.seed, resolved(data.eval_sources)
+        )
 
     def open_checkpoints(self, step: str) -> tuple[Checkpointer, int | None]:
         """The step's checkpointer and the step to resume from, under the run's resume policy:
@@ -70,8 +96,9 @@ class RunContext:
             print(f"[{step}] resume=never: removing the old checkpoints in {directory}", flush=True)
             shutil.rmtree(directory)
         barrier(f"jaxrlhf checkpoints {directory}")
-        checkpointer = Checkpointer(directory, keep=self.config.checkpoint.keep,
-                                    every_steps=self.config.checkpoint.every_steps)
+        checkpointer = Checkpointer(
+            directory, keep=self.config.checkpoint.keep, every_steps=self.config.checkpoint.every_steps
+        )
         latest = checkpointer.latest_step() if self.config.resume != "never" else None
         if self.config.resume == "always" and latest is None:
             raise FileNotFoundError(f"resume=always but {directory} has no checkpoint")
@@ -83,9 +110,11 @@ class RunContext:
         if lora.rank == 0:
             return
         apply_lora(model, lora.rank, lora.alpha, lora.target_modules, seed=self.config.seed)
-        nnx.update(model, reshard(nnx.state(model), TRAINING_RULES, self.mesh))
+        nnx.update(model, reshard(nnx.state(model), self.rules, self.mesh))
 
     def device_batch(self, local_rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows of a global batch -> global arrays sharded over the data axes."""
-        return {name: jax.make_array_from_process_local_data(batch_sharding(self.mesh, array.ndim), array)
-                for name, array in local_rows.items()}
+        return {
+            name: jax.make_array_from_process_local_data(batch_sharding(self.mesh, array.ndim, self.rules), array)
+            for name, array in local_rows.items()
+        }

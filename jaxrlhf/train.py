@@ -25,8 +25,12 @@ def run(config) -> dict[str, float]:
     from jaxrlhf.steps.reward_model import run_reward_model
     from jaxrlhf.steps.sft import run_sft
 
-    maybe_initialize_distributed(config.distributed.initialize, config.distributed.coordinator_address,
-                                 config.distributed.num_processes, config.distributed.process_id)
+    maybe_initialize_distributed(
+        config.distributed.initialize,
+        config.distributed.coordinator_address,
+        config.distributed.num_processes,
+        config.distributed.process_id,
+    )
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     os.makedirs(config.output_dir, exist_ok=True)
     if jax.process_index() == 0:
@@ -38,13 +42,17 @@ def run(config) -> dict[str, float]:
         runners["ppo"] = lambda ctx: run_ppo(ctx, task_hooks(config))
     logger = MetricsLogger(config.output_dir, tensorboard=config.tensorboard)
     ctx = RunContext(config, mesh, logger)
-    print(f"jaxrlhf: steps {', '.join(config.steps)} on {mesh.devices.size} device(s) "
-          f"(mesh {dict(mesh.shape)}), output in {config.output_dir}", flush=True)
+    print(
+        f"jaxrlhf: steps {', '.join(config.steps)} on {mesh.devices.size} device(s) "
+        f"(mesh {dict(mesh.shape)}), output in {config.output_dir}",
+        flush=True,
+    )
     summary: dict[str, float] = {}
     try:
         for step in config.steps:
             started = time.perf_counter()
-            values = runners[step](ctx)
+            with ctx.activation_sharding():
+                values = runners[step](ctx)
             values[f"{step}.seconds"] = time.perf_counter() - started
             summary.update(values)
             update_summary(config.output_dir, values)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +46,13 @@ def make_optimizer(optimizer_config, total_steps: int) -> optax.GradientTransfor
     clip = optimizer_config.max_grad_norm
     return optax.chain(
         optax.clip_by_global_norm(clip) if clip > 0 else optax.identity(),  # 0 = no clipping
-        optax.adamw(learning_rate_schedule(optimizer_config, total_steps), b1=optimizer_config.b1,
-                     b2=optimizer_config.b2, eps=optimizer_config.eps, weight_decay=optimizer_config.weight_decay),
+        optax.adamw(
+            learning_rate_schedule(optimizer_config, total_steps),
+            b1=optimizer_config.b1,
+            b2=optimizer_config.b2,
+            eps=optimizer_config.eps,
+            weight_decay=optimizer_config.weight_decay,
+        ),
     )
 
 
@@ -69,8 +75,9 @@ class TrainState:
     def apply_gradients(self, grads, optimizer: optax.GradientTransformation) -> TrainState:
         """One optimizer step."""
         updates, opt_state = optimizer.update(grads, self.opt_state, self.params)
-        return dataclasses.replace(self, step=self.step + 1, params=optax.apply_updates(self.params, updates),
-                                   opt_state=opt_state)
+        return dataclasses.replace(
+            self, step=self.step + 1, params=optax.apply_updates(self.params, updates), opt_state=opt_state
+        )
 
 
 def split_for_training(model: nnx.Module, lora_rank: int):
@@ -87,8 +94,7 @@ def init_train_state(params: nnx.State, frozen: nnx.State, optimizer: optax.Grad
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def init(params, frozen):
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
-                          opt_state=optimizer.init(params))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=optimizer.init(params))
 
     return init(params, frozen)
 
@@ -134,8 +140,9 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransfor
 
     @functools.partial(jax.jit, donate_argnums=0)
     def train_step(state: TrainState, batch: dict):
-        loss, grads, metrics = accumulate_gradients(loss_fn, graphdef, state.params, state.frozen, batch,
-                                                    num_microbatches)
+        loss, grads, metrics = accumulate_gradients(
+            loss_fn, graphdef, state.params, state.frozen, batch, num_microbatches
+        )
         metrics = dict(metrics, loss=loss, grad_norm=global_norm(grads))
         return state.apply_gradients(grads, optimizer), metrics
 

@@ -23,10 +23,24 @@ def hf_config(args, max_len: int):
 
     intermediate = args.intermediate or 4 * args.hidden
     if args.model_type == "opt":
-        return transformers.OPTConfig(vocab_size=args.vocab, hidden_size=args.hidden, ffn_dim=intermediate,
-                                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                                      max_position_embeddings=max_len, eos_token_id=args.vocab - 1, pad_token_id=1)
-    return transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=intermediate,
-                                    num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                                    num_key_value_heads=args.kv_heads or args.heads, max_position_embeddings=max_len,
-                                    eos_token_id=args.vocab - 1, pad_token_id=0)
+        return transformers.OPTConfig(
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            ffn_dim=intermediate,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            max_position_embeddings=max_len,
+            eos_token_id=args.vocab - 1,
+            pad_token_id=1,
+        )
+    return transformers.LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads or args.heads,
+        max_position_embeddings=max_len,
+        eos_token_id=args.vocab - 1,
+        pad_token_id=0,
+    )

@@ -1,7 +1,7 @@
 """Micro-benchmark: the Mosaic GPU flash-decoding kernel against the jnp reference for one decode step.
 
 From the repository root:
-  GPU: PYTHONPATH=. python scripts/bench_decode_attention.py --batch 32 --max-len 1024 --block-kv 64,128 --num-splits 1,2,4
+  GPU: PYTHONPATH=. python scripts/bench_decode_attention.py --max-len 1024 --block-kv 64,128 --num-splits 1,2,4
   CPU: PYTHONPATH=. python scripts/bench_decode_attention.py --interpret   (tiny smoke shape; timings meaningless)
 
 Each row's valid range is left padded the way generation fills the cache: it starts at a random
@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrlhf.generation.kernels.decode_attention import decode_attention_pallas, decode_attention_reference
+from jaxrlhf.generation.kernels.flash_decoding import decode_attention_pallas
+from jaxrlhf.generation.kernels.reference import decode_attention_reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +86,9 @@ def main() -> None:
     parser.add_argument("--num-splits", type=int_list, default=[0], help="comma-separated; 0 = the default heuristic")
     parser.add_argument("--num-stages", type=int_list, default=[2], help="comma-separated values to sweep")
     parser.add_argument("--iters", type=int, default=50)
-    parser.add_argument("--interpret", action="store_true",
-                        help="CPU smoke run: Pallas interpreter on a tiny shape, 2 timed iterations")
+    parser.add_argument(
+        "--interpret", action="store_true", help="CPU smoke run: Pallas interpreter on a tiny shape, 2 timed iterations"
+    )
     args = parser.parse_args()
 
     if args.interpret:
@@ -104,8 +106,15 @@ def main() -> None:
     print(f"{'reference':<44} {seconds * 1e6:10.1f} us  {bytes_read / seconds / 1e9:8.1f} GB/s")
 
     for block_kv, num_splits, num_stages in itertools.product(args.block_kv, args.num_splits, args.num_stages):
-        kernel = jax.jit(functools.partial(decode_attention_pallas, block_kv=block_kv, num_splits=num_splits or None,
-                                           num_stages=num_stages, interpret=args.interpret))
+        kernel = jax.jit(
+            functools.partial(
+                decode_attention_pallas,
+                block_kv=block_kv,
+                num_splits=num_splits or None,
+                num_stages=num_stages,
+                interpret=args.interpret,
+            )
+        )
         error = float(jnp.max(jnp.abs(kernel(*inputs).astype(jnp.float32) - expected)))
         seconds = median_seconds(kernel, inputs, iters)
         label = f"pallas block_kv={block_kv} splits={num_splits or 'auto'} stages={num_stages}"

@@ -59,19 +59,30 @@ def time_ours(path, args, ids, mask):
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxrlhf.generation.generate import SamplingSettings, generate_from_state
+    from jaxrlhf.generation.generate import SamplingSettings
     from jaxrlhf.generation.hybrid_engine import HybridEngine
     from jaxrlhf.generation.kv_cache import KVCache, prefill
     from jaxrlhf.models import load_pretrained, positions_from_mask
     from jaxrlhf.parallel import make_mesh
 
     model = load_pretrained(path, dtype=args.dtype, param_dtype=args.dtype)
-    settings = SamplingSettings(eos_id=args.vocab - 1, pad_id=0, max_new_tokens=args.new_tokens,
-                                min_new_tokens=args.new_tokens, greedy=True, attention=args.attention)
+    settings = SamplingSettings(
+        eos_id=args.vocab - 1,
+        pad_id=0,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        greedy=True,
+        attention=args.attention,
+    )
     graphdef, state = nnx.split(model)
     devices = jax.devices()[: args.tensor_parallel]
-    engine = HybridEngine(graphdef, (state,), make_mesh(data=1, fsdp=1, tensor=args.tensor_parallel, devices=devices),
-                          args.tensor_parallel, settings)
+    engine = HybridEngine(
+        graphdef,
+        (state,),
+        make_mesh(data=1, fsdp=1, tensor=args.tensor_parallel, devices=devices),
+        args.tensor_parallel,
+        settings,
+    )
     state = engine.generation_state((state,))
     del model
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
@@ -99,12 +110,18 @@ def time_torch(path, args, ids, mask):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    inputs = {"input_ids": torch.tensor(ids, dtype=torch.long, device=device),
-              "attention_mask": torch.tensor(mask, dtype=torch.long, device=device)}
+    inputs = {
+        "input_ids": torch.tensor(ids, dtype=torch.long, device=device),
+        "attention_mask": torch.tensor(mask, dtype=torch.long, device=device),
+    }
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for cache in ("static", "dynamic"):
-        kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                      pad_token_id=model.config.pad_token_id)
+        kwargs = dict(
+            max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens,
+            do_sample=False,
+            pad_token_id=model.config.pad_token_id,
+        )
         if cache == "static":
             kwargs["cache_implementation"] = "static"
         try:
@@ -112,7 +129,7 @@ def time_torch(path, args, ids, mask):
                 model.generate(**inputs, **kwargs)
                 sync()
 
-                def run():
+                def run(kwargs=kwargs):
                     model.generate(**inputs, **kwargs)
                     sync()
 
@@ -133,8 +150,11 @@ def report_memory(args):
     config = DecoderConfig.from_hf(shape, dtype=args.dtype, param_dtype=args.dtype)
     print(f"compiling on {jax.devices()[0].device_kind} from shapes only", file=sys.stderr)
     report = generation_report(config, args.batch, args.prompt_len, args.new_tokens)
-    print(f"{args.model_type} hidden {args.hidden}, {args.layers} layers, batch {args.batch} x "
-          f"({args.prompt_len} + {args.new_tokens}), {args.dtype}, jax {jax.__version__} on {jax.devices()[0].device_kind}")
+    device = jax.devices()[0].device_kind
+    print(
+        f"{args.model_type} hidden {args.hidden}, {args.layers} layers, batch {args.batch} x "
+        f"({args.prompt_len} + {args.new_tokens}), {args.dtype}, jax {jax.__version__} on {device}"
+    )
     print(report.summary())
 
 
@@ -178,12 +198,16 @@ def main(argv=None):
     ours_tps = new_tokens / generate_s
     ratio = f"{torch_s / generate_s:.2f}x" if torch_s else "n/a"
     torch_tps = f"{new_tokens / torch_s:,.0f} ({cache})" if torch_s else "n/a"
-    row = (f"| {device} x{jax.device_count()} | {args.model_type} {n_params / 1e6:.1f}M | {args.batch}x{args.prompt_len}"
-           f"+{args.new_tokens} | {args.dtype} | {args.attention} | {args.batch * args.prompt_len / prefill_s:,.0f} "
-           f"| {args.batch / step_s:,.0f} | {achieved / 1e9:.1f} GB/s ({roofline}) | {ours_tps:,.0f} | {torch_tps} "
-           f"| {ratio} |")
-    print("| device | model | batch x prompt+new | dtype | attention | prefill tok/s | decode tok/s "
-          "| decode bytes/s (of roofline) | ours generate tok/s | transformers tok/s | ours/transformers |")
+    row = (
+        f"| {device} x{jax.device_count()} | {args.model_type} {n_params / 1e6:.1f}M | {args.batch}x{args.prompt_len}"
+        f"+{args.new_tokens} | {args.dtype} | {args.attention} | {args.batch * args.prompt_len / prefill_s:,.0f} "
+        f"| {args.batch / step_s:,.0f} | {achieved / 1e9:.1f} GB/s ({roofline}) | {ours_tps:,.0f} | {torch_tps} "
+        f"| {ratio} |"
+    )
+    print(
+        "| device | model | batch x prompt+new | dtype | attention | prefill tok/s | decode tok/s "
+        "| decode bytes/s (of roofline) | ours generate tok/s | transformers tok/s | ours/transformers |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     print(row)
     if args.append:

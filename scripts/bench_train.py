@@ -34,17 +34,28 @@ def parse_args(argv):
 def time_ours(path, args, batch):
     import jax
 
-    from jaxrlhf.steps.losses import language_model_loss
     from jaxrlhf.models import load_pretrained
     from jaxrlhf.parallel import TRAINING_RULES, batch_sharding, make_mesh
+    from jaxrlhf.steps.losses import language_model_loss
     from jaxrlhf.train_state import init_train_state, make_optimizer, make_train_step, split_for_training
 
     mesh = make_mesh(fsdp=-1)
     model = load_pretrained(path, mesh=mesh, rules=TRAINING_RULES, dtype=args.dtype, param_dtype="float32")
     graphdef, params, frozen = split_for_training(model, 0)
-    optimizer = make_optimizer(types.SimpleNamespace(learning_rate=1e-4, weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8,
-                                                     schedule="constant", warmup_steps=0, max_grad_norm=1.0,
-                                                     min_lr_ratio=1.0), total_steps=100)
+    optimizer = make_optimizer(
+        types.SimpleNamespace(
+            learning_rate=1e-4,
+            weight_decay=0.0,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            schedule="constant",
+            warmup_steps=0,
+            max_grad_norm=1.0,
+            min_lr_ratio=1.0,
+        ),
+        total_steps=100,
+    )
     state = init_train_state(params, frozen, optimizer)
     step = make_train_step(graphdef, language_model_loss, optimizer, 1)
     batch = jax.device_put({k: jax.numpy.asarray(v) for k, v in batch.items()}, batch_sharding(mesh))
@@ -100,9 +111,11 @@ def main(argv=None):
     reference = transformers.AutoModelForCausalLM.from_config(config)
     n_params = sum(p.numel() for p in reference.parameters())
     rng = np.random.default_rng(0)
-    batch = {"input_ids": rng.integers(0, args.vocab, (args.batch, args.seq)).astype(np.int32),
-             "attention_mask": np.ones((args.batch, args.seq), np.int32),
-             "loss_mask": np.ones((args.batch, args.seq), np.int32)}
+    batch = {
+        "input_ids": rng.integers(0, args.vocab, (args.batch, args.seq)).astype(np.int32),
+        "attention_mask": np.ones((args.batch, args.seq), np.int32),
+        "loss_mask": np.ones((args.batch, args.seq), np.int32),
+    }
     tokens = args.batch * args.seq
     flops = training_flops_per_token(n_params, args.layers, args.hidden, args.seq) * tokens
     with tempfile.TemporaryDirectory() as path:
@@ -116,8 +129,10 @@ def main(argv=None):
     mfu = f"{flops / ours / (peak * jax.device_count()):.1%}" if peak else "n/a"
     ratio = f"{theirs / ours:.2f}x" if theirs else "n/a"
     torch_tps = f"{tokens / theirs:,.0f}" if theirs else "n/a"
-    row = (f"| {device} x{jax.device_count()} | {args.model_type} {n_params / 1e6:.1f}M | {args.batch}x{args.seq} "
-           f"| {args.dtype} | {tokens / ours:,.0f} | {torch_tps} | {ratio} | {flops / ours / 1e12:.3f} | {mfu} |")
+    row = (
+        f"| {device} x{jax.device_count()} | {args.model_type} {n_params / 1e6:.1f}M | {args.batch}x{args.seq} "
+        f"| {args.dtype} | {tokens / ours:,.0f} | {torch_tps} | {ratio} | {flops / ours / 1e12:.3f} | {mfu} |"
+    )
     print("| device | model | batch | dtype | ours tok/s | PyTorch tok/s | ours/PyTorch | TFLOP/s | MFU |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(row)

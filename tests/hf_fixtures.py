@@ -13,26 +13,59 @@ VOCAB = 320
 def tiny_hf_configs():
     import transformers
 
-    llama3_rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": 16, "rope_theta": 500000.0}
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=8, max_position_embeddings=128)
+    llama3_rope = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+        "rope_theta": 500000.0,
+    }
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        max_position_embeddings=128,
+    )
     return {
         "llama_gqa_llama3": transformers.LlamaConfig(**common, num_key_value_heads=2, rope_parameters=llama3_rope),
         "llama_linear_bias_headdim": transformers.LlamaConfig(
-            **common, num_key_value_heads=4, head_dim=16, attention_bias=True, mlp_bias=True,
-            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+            **common,
+            num_key_value_heads=4,
+            head_dim=16,
+            attention_bias=True,
+            mlp_bias=True,
+            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        ),
         "qwen2_bias_tied": transformers.Qwen2Config(**common, num_key_value_heads=4, tie_word_embeddings=True),
         "mistral": transformers.MistralConfig(**common, num_key_value_heads=2, sliding_window=4096),
         "mistral_window4": transformers.MistralConfig(**common, num_key_value_heads=2, sliding_window=4),
         # head_dim 64: the smallest the decode kernel takes (its bf16 tiles are 64 wide)
         "llama_mqa_headdim64": transformers.LlamaConfig(
-            **{**common, "hidden_size": 128, "num_attention_heads": 2}, num_key_value_heads=1),
-        "opt": transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
-                                      num_attention_heads=8, max_position_embeddings=128, pad_token_id=1),
+            **{**common, "hidden_size": 128, "num_attention_heads": 2}, num_key_value_heads=1
+        ),
+        "opt": transformers.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            ffn_dim=96,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            max_position_embeddings=128,
+            pad_token_id=1,
+        ),
         "opt_proj_postln": transformers.OPTConfig(
-            vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=8,
-            max_position_embeddings=128, word_embed_proj_dim=32, do_layer_norm_before=False, pad_token_id=1),
+            vocab_size=VOCAB,
+            hidden_size=64,
+            ffn_dim=96,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            max_position_embeddings=128,
+            word_embed_proj_dim=32,
+            do_layer_norm_before=False,
+            pad_token_id=1,
+        ),
     }
 
 
@@ -72,7 +105,7 @@ def padded_batch(lengths, seq_len: int, left: bool, seed: int = 0):
     mask = np.zeros((len(lengths), seq_len), np.int32)
     for row, n in enumerate(lengths):
         if left:
-            mask[row, seq_len - n:] = 1
+            mask[row, seq_len - n :] = 1
         else:
             mask[row, :n] = 1
     ids = np.where(mask == 1, ids, 1)  # pad id 1
@@ -87,8 +120,11 @@ def train_tiny_tokenizer(directory: str) -> str:
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(["Human: hello there. Assistant: hi, how can I help?"] * 20, trainer)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
     fast.save_pretrained(directory)

@@ -21,9 +21,9 @@ assert maybe_initialize_distributed("always", f"127.0.0.1:{port}", num_processes
 
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
+from hf_fixtures import padded_batch  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from hf_fixtures import padded_batch  # noqa: E402
 from jaxrlhf.models import load_pretrained, save_pretrained  # noqa: E402
 from jaxrlhf.parallel import TRAINING_RULES, batch_sharding, make_mesh  # noqa: E402
 

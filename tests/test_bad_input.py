@@ -5,8 +5,8 @@ import os
 import shutil
 
 import pytest
-
 from hf_fixtures import save_tiny_model
+
 from jaxrlhf.models import load_pretrained
 from jaxrlhf.models.safetensors_io import read_header, write_safetensors
 from jaxrlhf.parallel import make_mesh

@@ -24,19 +24,27 @@ def mesh():
 def train_state(mesh, seed=0):
     """A small sharded state: params, an AdamW state after one update, a PRNG key and plain scalars."""
     rows = NamedSharding(mesh, PartitionSpec("fsdp"))
-    params = {"w": jax.device_put(jax.random.normal(jax.random.key(seed), (16, 4)), rows),  # [16, 4] over 8 devices
-              "b": jnp.arange(3, dtype=jnp.bfloat16) + seed}
+    params = {
+        "w": jax.device_put(jax.random.normal(jax.random.key(seed), (16, 4)), rows),  # [16, 4] over 8 devices
+        "b": jnp.arange(3, dtype=jnp.bfloat16) + seed,
+    }
     optimizer = optax.adamw(1e-2)
     opt_state = optimizer.init(params)
     grads = jax.tree.map(jnp.ones_like, params)
     _, opt_state = optimizer.update(grads, opt_state, params)
-    return {"params": params, "opt_state": opt_state, "rng": jax.random.key(seed + 7), "step": 3 + seed,
-            "data_position": np.array([5, 6], dtype=np.int64)}
+    return {
+        "params": params,
+        "opt_state": opt_state,
+        "rng": jax.random.key(seed + 7),
+        "step": 3 + seed,
+        "data_position": np.array([5, 6], dtype=np.int64),
+    }
 
 
 def abstract(state):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-                        if isinstance(x, jax.Array) else x, state)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if isinstance(x, jax.Array) else x, state
+    )
 
 
 def assert_bitwise_equal(restored, expected):
@@ -106,8 +114,12 @@ SAVE_THEN_HANG = textwrap.dedent("""
 
 
 def test_checkpoint_survives_sigkill_right_after_save_and_half_written_ones_are_ignored(tmp_path, mesh):
-    worker = subprocess.Popen([sys.executable, "-c", SAVE_THEN_HANG, str(tmp_path)], stdout=subprocess.PIPE,
-                              text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    worker = subprocess.Popen(
+        [sys.executable, "-c", SAVE_THEN_HANG, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     try:
         assert worker.stdout.readline().strip() == "saved"
     finally:

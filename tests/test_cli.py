@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from hf_fixtures import save_tiny_model, train_tiny_tokenizer
+
 from jaxrlhf.models import ValueModel, load_pretrained, save_pretrained
 
 
@@ -16,14 +16,17 @@ def cli(*argv, cwd=None):
     return subprocess.run([sys.executable, "-m", *argv], env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
-@pytest.mark.parametrize("override, named", [
-    ("sft.bogus=1", "sft.bogus"),
-    ("sft.max_steps=abc", "sft.max_steps"),
-    ("steps=[sft,foo]", "steps"),
-    ("ppo.preset=bar", "ppo.preset"),
-    ("data.sources=[{path: /nope.jsonl, layout: rm-static}]", "/nope.jsonl"),
-    ("sft.optimizer.learning_rate=-1", "sft.optimizer.learning_rate"),
-])
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("sft.bogus=1", "sft.bogus"),
+        ("sft.max_steps=abc", "sft.max_steps"),
+        ("steps=[sft,foo]", "steps"),
+        ("ppo.preset=bar", "ppo.preset"),
+        ("data.sources=[{path: /nope.jsonl, layout: rm-static}]", "/nope.jsonl"),
+        ("sft.optimizer.learning_rate=-1", "sft.optimizer.learning_rate"),
+    ],
+)
 def test_bad_config_exits_2_with_one_line(tmp_path, override, named):
     out = tmp_path / "run"
     result = cli("jaxrlhf.train", f"output_dir={out}", override)
@@ -57,14 +60,19 @@ def write_jsonl(path, rows):
 
 def test_rw_eval_scores_a_pairs_file(reward_model_dir, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
-    write_jsonl(pairs, [{"prompt": "\n\nHuman: hello\n\nAssistant:", "chosen": " hi there", "rejected": " go away"}] * 3)
+    write_jsonl(
+        pairs, [{"prompt": "\n\nHuman: hello\n\nAssistant:", "chosen": " hi there", "rejected": " go away"}] * 3
+    )
     result = cli("jaxrlhf.cli.rw_eval", reward_model_dir, "--pairs", str(pairs), "--layout", "rm-static")
     assert result.returncode == 0, result.stderr
     assert "3 pairs from" in result.stdout and "accuracy" in result.stdout
 
 
-@pytest.mark.parametrize("bad_row", [{"prompt": "a", "chosen": "b"}, {"prompt": "a", "chosen": "b", "rejected": ""}],
-                         ids=["missing-rejected", "empty-rejected"])
+@pytest.mark.parametrize(
+    "bad_row",
+    [{"prompt": "a", "chosen": "b"}, {"prompt": "a", "chosen": "b", "rejected": ""}],
+    ids=["missing-rejected", "empty-rejected"],
+)
 def test_rw_eval_names_the_malformed_row(reward_model_dir, tmp_path, bad_row):
     bad = tmp_path / "bad.jsonl"
     good_row = {"prompt": "a", "chosen": "b", "rejected": "c"}

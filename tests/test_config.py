@@ -4,8 +4,18 @@ import dataclasses
 
 import pytest
 
-from jaxrlhf.config import (PRESETS, ConfigError, DataSourceConfig, ModelConfig, PPOConfig, RunConfig,
-                            config_fingerprint, load_config, main_config_or_exit, save_resolved_config)
+from jaxrlhf.config import (
+    PRESETS,
+    ConfigError,
+    DataSourceConfig,
+    ModelConfig,
+    PPOConfig,
+    RunConfig,
+    config_fingerprint,
+    load_config,
+    main_config_or_exit,
+    save_resolved_config,
+)
 
 REAL_PRESETS = PRESETS
 TEST_PRESETS = {
@@ -18,7 +28,7 @@ TEST_PRESETS = {
 def fake_presets(monkeypatch):
     """Presets whose values differ from the schema's defaults, so that precedence shows."""
     monkeypatch.setattr("jaxrlhf.config.loading.PRESETS", TEST_PRESETS)
-    monkeypatch.setattr("jaxrlhf.config.schema.PRESETS", TEST_PRESETS)
+    monkeypatch.setattr("jaxrlhf.config.steps.PRESETS", TEST_PRESETS)
 
 
 def test_the_schema_defaults_are_the_stable_preset():
@@ -65,38 +75,52 @@ def test_preset_named_on_command_line_replaces_the_default_preset(tmp_path):
 
 def test_list_and_nested_overrides(tmp_path):
     data_file = write(tmp_path, "pairs.jsonl", "{}\n")
-    config = load_config(["steps=[sft]", f"data.sources=[{{path: {data_file}, layout: rm-static}}, {{path: builtin}}]",
-                          "data.sources[1].weight=3", "ppo.dual_clip=3.0", "distributed.num_processes=2"])
+    config = load_config(
+        [
+            "steps=[sft]",
+            f"data.sources=[{{path: {data_file}, layout: rm-static}}, {{path: builtin}}]",
+            "data.sources[1].weight=3",
+            "ppo.dual_clip=3.0",
+            "distributed.num_processes=2",
+        ]
+    )
     assert config.steps == ["sft"]
-    assert config.data.sources == [DataSourceConfig(data_file, "rm-static", 1.0),
-                                   DataSourceConfig("builtin", "builtin", 3.0)]
+    assert config.data.sources == [
+        DataSourceConfig(data_file, "rm-static", 1.0),
+        DataSourceConfig("builtin", "builtin", 3.0),
+    ]
     assert config.ppo.dual_clip == 3.0 and config.distributed.num_processes == 2
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["steps=[sft,foo]"], r"^steps\[1\]: .*'foo'.*\['sft', 'rm', 'ppo'\]"),
-    (["steps=[rm,sft]"], r"^steps: must be distinct and in pipeline order"),
-    (["sft.optimizer.learning_rate=-1e-3"], r"^sft\.optimizer\.learning_rate: must be >= 0"),
-    (["ppo.preset=bar"], r"^ppo\.preset: 'bar' is not one of stable, deepspeed_chat$"),
-    (["data.sources=[{path: builtin, layout: nope}]"], r"^data\.sources\[0\]\.layout: .*'nope'.*'rm-static'"),
-    (["data.sources[0].layout=shp"], r"^data\.sources\[0\]: path 'builtin' and layout 'shp' disagree"),
-    (["data.sources=[{path: /no/such/file.jsonl, layout: shp}]"],
-     r"^data\.sources\[0\]\.path: data file not found: /no/such/file\.jsonl"),
-    (["sft.lerning_rate=1"], r"^sft\.lerning_rate: Key 'lerning_rate' not in 'SFTConfig'"),
-    (["sft.batch_size=abc"], r"^sft\.batch_size: .*'abc'.*Integer"),
-    (["sft.model=builtin"], r"^sft\.model: must be a mapping of settings"),
-    (["sft.model.dtype=float16"], r"^sft\.model\.dtype: .*\['float32', 'bfloat16'\]"),
-    (["sft.model.path="], r"^sft\.model\.path: "),
-    (["rm.model.path=/no/such/model"], r"^rm\.model\.path: model directory not found"),
-    (["data.data_split=2,4"], r"^data\.data_split: must be three non-negative numbers"),
-    (["mesh.data=-1"], r"^mesh: at most one axis may be -1"),
-    (["sft.grad_accum_steps=5"], r"^sft\.grad_accum_steps: 5 does not divide batch_size=32"),
-    (["ppo.num_minibatches=3"], r"^ppo\.num_minibatches: 3 does not divide prompts_per_iteration=64"),
-    (["generation.top_p=0"], r"^generation\.top_p: must be in \(0, 1\]"),
-    (["steps=[sft"], r"^command line 'steps=\[sft': value is not valid YAML"),
-    (["sft.batch_size"], r"is not a dotted\.key=value override"),
-    (["missing.yaml"], r"^config file not found: missing\.yaml$"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["steps=[sft,foo]"], r"^steps\[1\]: .*'foo'.*\['sft', 'rm', 'ppo'\]"),
+        (["steps=[rm,sft]"], r"^steps: must be distinct and in pipeline order"),
+        (["sft.optimizer.learning_rate=-1e-3"], r"^sft\.optimizer\.learning_rate: must be >= 0"),
+        (["ppo.preset=bar"], r"^ppo\.preset: 'bar' is not one of stable, deepspeed_chat$"),
+        (["data.sources=[{path: builtin, layout: nope}]"], r"^data\.sources\[0\]\.layout: .*'nope'.*'rm-static'"),
+        (["data.sources[0].layout=shp"], r"^data\.sources\[0\]: path 'builtin' and layout 'shp' disagree"),
+        (
+            ["data.sources=[{path: /no/such/file.jsonl, layout: shp}]"],
+            r"^data\.sources\[0\]\.path: data file not found: /no/such/file\.jsonl",
+        ),
+        (["sft.lerning_rate=1"], r"^sft\.lerning_rate: Key 'lerning_rate' not in 'SFTConfig'"),
+        (["sft.batch_size=abc"], r"^sft\.batch_size: .*'abc'.*Integer"),
+        (["sft.model=builtin"], r"^sft\.model: must be a mapping of settings"),
+        (["sft.model.dtype=float16"], r"^sft\.model\.dtype: .*\['float32', 'bfloat16'\]"),
+        (["sft.model.path="], r"^sft\.model\.path: "),
+        (["rm.model.path=/no/such/model"], r"^rm\.model\.path: model directory not found"),
+        (["data.data_split=2,4"], r"^data\.data_split: must be three non-negative numbers"),
+        (["mesh.data=-1"], r"^mesh: at most one axis may be -1"),
+        (["sft.grad_accum_steps=5"], r"^sft\.grad_accum_steps: 5 does not divide batch_size=32"),
+        (["ppo.num_minibatches=3"], r"^ppo\.num_minibatches: 3 does not divide prompts_per_iteration=64"),
+        (["generation.top_p=0"], r"^generation\.top_p: must be in \(0, 1\]"),
+        (["steps=[sft"], r"^command line 'steps=\[sft': value is not valid YAML"),
+        (["sft.batch_size"], r"is not a dotted\.key=value override"),
+        (["missing.yaml"], r"^config file not found: missing\.yaml$"),
+    ],
+)
 def test_bad_configs_raise_one_line_errors_naming_the_key(argv, message):
     with pytest.raises(ConfigError, match=message) as error:
         load_config(argv)

@@ -48,10 +48,20 @@ LAYOUT_CASES = {
     ),
     "webgpt_comparisons": (
         [
-            {"question": {"full_text": "Why is the sky blue?"}, "answer_0": "Rayleigh scattering [1].",
-             "answer_1": "Magic (see below).", "score_0": 1.0, "score_1": -1.0},
-            {"question": {"full_text": "Is ice cold?"}, "answer_0": "No.", "answer_1": "Yes [3][4].",
-             "score_0": -0.5, "score_1": 0.5},
+            {
+                "question": {"full_text": "Why is the sky blue?"},
+                "answer_0": "Rayleigh scattering [1].",
+                "answer_1": "Magic (see below).",
+                "score_0": 1.0,
+                "score_1": -1.0,
+            },
+            {
+                "question": {"full_text": "Is ice cold?"},
+                "answer_0": "No.",
+                "answer_1": "Yes [3][4].",
+                "score_0": -0.5,
+                "score_1": 0.5,
+            },
             {"question": {"full_text": "A tie?"}, "answer_0": "A.", "answer_1": "B.", "score_0": 0.0, "score_1": 0.0},
         ],
         [

@@ -7,13 +7,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxrlhf.generation.kernels.decode_attention import (
-    choose_implementation,
-    decode_attention,
-    decode_attention_pallas,
-    decode_attention_reference,
-    per_shard,
-)
+from jaxrlhf.generation.kernels.decode_attention import choose_implementation, decode_attention, per_shard
+from jaxrlhf.generation.kernels.flash_decoding import decode_attention_pallas
+from jaxrlhf.generation.kernels.reference import decode_attention_reference
 from jaxrlhf.parallel import make_mesh
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -67,15 +63,20 @@ KERNEL_CASES = [
 
 
 def kernel_output(inputs, num_splits, block_kv, num_stages):
-    kernel = jax.jit(lambda *args: decode_attention_pallas(
-        *args, num_splits=num_splits, block_kv=block_kv, num_stages=num_stages, interpret=not ON_GPU))
+    kernel = jax.jit(
+        lambda *args: decode_attention_pallas(
+            *args, num_splits=num_splits, block_kv=block_kv, num_stages=num_stages, interpret=not ON_GPU
+        )
+    )
     return kernel(*inputs)
 
 
-@pytest.mark.parametrize("batch, max_len, kv_heads, group, head_dim, dtype, num_splits, block_kv, num_stages",
-                         KERNEL_CASES)
-def test_pallas_kernel_matches_reference(batch, max_len, kv_heads, group, head_dim, dtype, num_splits, block_kv,
-                                         num_stages):
+@pytest.mark.parametrize(
+    "batch, max_len, kv_heads, group, head_dim, dtype, num_splits, block_kv, num_stages", KERNEL_CASES
+)
+def test_pallas_kernel_matches_reference(
+    batch, max_len, kv_heads, group, head_dim, dtype, num_splits, block_kv, num_stages
+):
     inputs = random_inputs(batch + max_len + group, batch, max_len, kv_heads, group, head_dim, dtype)
     out = kernel_output(inputs, num_splits, block_kv, num_stages)
     assert out.dtype == dtype and out.shape == inputs[0].shape
@@ -105,8 +106,9 @@ def test_per_shard_wrapper_matches_whole_arrays():
     assert out.sharding.spec == PartitionSpec("fsdp", "tensor")
     sharded_kernel = jax.jit(lambda *args: decode_attention(*args, implementation="pallas", sharding=sharding))
     bf16 = [x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x for x in inputs]
-    np.testing.assert_allclose(np.asarray(sharded_kernel(*bf16), np.float32),
-                               np.asarray(decode_attention_reference(*inputs)), atol=3e-2)
+    np.testing.assert_allclose(
+        np.asarray(sharded_kernel(*bf16), np.float32), np.asarray(decode_attention_reference(*inputs)), atol=3e-2
+    )
 
 
 def test_dispatcher_and_bad_input():

@@ -9,12 +9,12 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-
 from hf_fixtures import padded_batch, save_tiny_model
-from jaxrlhf.metrics import CompileCounter
+
 from jaxrlhf.generation.generate import SamplingSettings, generate_from_state
 from jaxrlhf.generation.hybrid_engine import HybridEngine
 from jaxrlhf.generation.layout import to_generation_layout
+from jaxrlhf.metrics import CompileCounter
 from jaxrlhf.models import CausalLM, load_pretrained
 from jaxrlhf.models.lora import apply_lora
 from jaxrlhf.parallel import TRAINING_RULES, make_mesh
@@ -37,8 +37,14 @@ def prompts():
 def hf_greedy(path, ids, mask):
     model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     with torch.no_grad():
-        out = model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
-                             max_new_tokens=NEW, eos_token_id=EOS, pad_token_id=PAD)
+        out = model.generate(
+            torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            do_sample=False,
+            max_new_tokens=NEW,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+        )
     out = out.numpy()
     return np.pad(out, ((0, 0), (0, ids.shape[1] + NEW - out.shape[1])), constant_values=PAD)
 
@@ -81,8 +87,13 @@ def test_hybrid_engine_tensor_parallel_gives_the_same_tokens(model_dirs, tensor_
     mesh = make_mesh(fsdp=8)
     model = load_pretrained(path, mesh=mesh, rules=TRAINING_RULES)
     graphdef, state = nnx.split(model)
-    engine = HybridEngine(graphdef, (state,), mesh, tensor_parallel,
-                          SamplingSettings(eos_id=EOS, pad_id=PAD, max_new_tokens=NEW, greedy=True))
+    engine = HybridEngine(
+        graphdef,
+        (state,),
+        mesh,
+        tensor_parallel,
+        SamplingSettings(eos_id=EOS, pad_id=PAD, max_new_tokens=NEW, greedy=True),
+    )
     out, timings = engine.generate((state,), jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(out.tokens), expected)
     assert timings.reshard_s >= 0 and timings.generate_s > 0
@@ -97,8 +108,9 @@ def test_hybrid_engine_merges_lora(model_dirs):
     model = load_pretrained(path, mesh=mesh, rules=TRAINING_RULES)
     apply_lora(model, rank=2, alpha=4.0, target_modules=["q_proj", "fc1"])
     graphdef, state = nnx.split(model)
-    engine = HybridEngine(graphdef, (state,), mesh, 2, SamplingSettings(eos_id=EOS, pad_id=PAD, max_new_tokens=NEW,
-                                                                      greedy=True))
+    engine = HybridEngine(
+        graphdef, (state,), mesh, 2, SamplingSettings(eos_id=EOS, pad_id=PAD, max_new_tokens=NEW, greedy=True)
+    )
     out, _ = engine.generate((state,), jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(out.tokens), hf_greedy(path, ids, mask))  # B = 0: same model
 
@@ -111,8 +123,9 @@ def test_decode_loop_compiles_once_per_shape(model_dirs):
     generate_from_state(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), settings)
     with CompileCounter() as counter:
         for seed in (1, 2):
-            generate_from_state(graphdef, state, jnp.asarray((ids + seed) % 50), jnp.asarray(mask),
-                                jax.random.key(seed), settings).tokens.block_until_ready()
+            generate_from_state(
+                graphdef, state, jnp.asarray((ids + seed) % 50), jnp.asarray(mask), jax.random.key(seed), settings
+            ).tokens.block_until_ready()
     assert counter.count == 0
 
 

@@ -4,8 +4,8 @@ import io
 
 import numpy as np
 import pytest
-
 from hf_fixtures import save_tiny_model, train_tiny_tokenizer
+
 from jaxrlhf.cli import chat, prompt_eval
 from jaxrlhf.generation.prompting import decode_answers, left_padded_batch
 
@@ -46,7 +46,7 @@ def test_chat_over_a_pipe(model_dirs, monkeypatch, capsys):
     def recording_answers(self, prompts):
         prompts_seen.extend(prompts)
         answers_given.extend(real_answers(self, prompts))
-        return answers_given[-len(prompts):]
+        return answers_given[-len(prompts) :]
 
     monkeypatch.setattr(chat.TextGenerator, "answers", recording_answers)
     monkeypatch.setattr("sys.stdin", io.StringIO("hello there\nhow are you\nclear\nbye\nquit\nnever read\n"))

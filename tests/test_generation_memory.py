@@ -22,11 +22,24 @@ BATCH, PROMPT, NEW = 8, 64, 64
 
 def small_config(family: str, dtype: str) -> DecoderConfig:
     if family == "llama_gqa":
-        hf = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256)
+        hf = transformers.LlamaConfig(
+            vocab_size=512,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
     else:
-        hf = transformers.OPTConfig(vocab_size=512, hidden_size=128, ffn_dim=256, num_hidden_layers=4,
-                                    num_attention_heads=8, max_position_embeddings=256)
+        hf = transformers.OPTConfig(
+            vocab_size=512,
+            hidden_size=128,
+            ffn_dim=256,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            max_position_embeddings=256,
+        )
     return DecoderConfig.from_hf(hf.to_dict(), dtype=dtype, param_dtype=dtype)
 
 
@@ -38,8 +51,10 @@ def layer_cache_elements(config: DecoderConfig) -> int:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_decode_loop_materializes_nothing_cache_sized(family, dtype):
     if dtype == "bfloat16" and jax.default_backend() == "cpu":
-        pytest.skip("XLA:CPU has no bfloat16 arithmetic: it rewrites a bf16 cache update as "
-                    "convert(dynamic-update-slice(convert(cache))); GPUs and TPUs update bf16 in place")
+        pytest.skip(
+            "XLA:CPU has no bfloat16 arithmetic: it rewrites a bf16 cache update as "
+            "convert(dynamic-update-slice(convert(cache))); GPUs and TPUs update bf16 in place"
+        )
     config = small_config(family, dtype)
     report = generation_report(config, BATCH, PROMPT, NEW)
     assert report.decode_loop_big_buffers == []

@@ -13,8 +13,16 @@ from jaxrlhf.rl.ppo import prepare_run
 from jaxrlhf.run_context import RunContext
 from jaxrlhf.train import task_hooks
 
-SETTINGS = ["steps=[ppo]", "data.builtin_size=1000", "ppo.prompts_per_iteration=8", "ppo.num_minibatches=2",
-            "ppo.ppo_epochs=3", "ppo.eval_prompts=8", "ppo.max_answer_seq_len=8", "tensorboard=false"]
+SETTINGS = [
+    "steps=[ppo]",
+    "data.builtin_size=1000",
+    "ppo.prompts_per_iteration=8",
+    "ppo.num_minibatches=2",
+    "ppo.ppo_epochs=3",
+    "ppo.eval_prompts=8",
+    "ppo.max_answer_seq_len=8",
+    "tensorboard=false",
+]
 
 
 def with_random_value_head(params, seed):
@@ -47,8 +55,18 @@ def test_one_iteration_steps_both_models_and_reports_every_phase(prepared):
     assert int(state.actor.step) == updates and int(state.critic.step) == updates
     changed = jax.tree.map(lambda a, b: bool((a != b).any()), state.actor.params, initial.actor.params)
     assert any(jax.tree.leaves(changed))
-    for key in ("score", "kl", "reward", "actor_loss", "critic_loss", "clipfrac", "time/generation_s",
-                "time/experience_s", "time/train_s", "samples_per_s"):
+    for key in (
+        "score",
+        "kl",
+        "reward",
+        "actor_loss",
+        "critic_loss",
+        "clipfrac",
+        "time/generation_s",
+        "time/experience_s",
+        "time/train_s",
+        "samples_per_s",
+    ):
         assert np.isfinite(stats[key]), key
     assert stats["kl_coef"] == pytest.approx(0.1)
 

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from hf_fixtures import padded_batch, save_tiny_model, torch_logits
+
 from jaxrlhf.models import load_pretrained, save_pretrained
 from jaxrlhf.models.layers import LoraParam
 from jaxrlhf.models.lora import apply_lora, has_lora, merge_lora
@@ -30,8 +30,9 @@ def test_lora_starts_as_identity_and_merges_exactly(model_dir, tmp_path):
     adapted = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
     assert np.abs(adapted - before).max() > 1e-3
     save_pretrained(model, str(tmp_path / "merged"))
-    np.testing.assert_allclose(torch_logits(str(tmp_path / "merged"), ids, mask)[mask == 1], adapted[mask == 1],
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        torch_logits(str(tmp_path / "merged"), ids, mask)[mask == 1], adapted[mask == 1], rtol=1e-4, atol=1e-4
+    )
     merged = merge_lora(model)
     assert not has_lora(merged)
     np.testing.assert_allclose(np.asarray(merged(jnp.asarray(ids), jnp.asarray(mask))), adapted, atol=1e-5)

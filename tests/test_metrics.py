@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrlhf.metrics import (MetricsLogger, format_number, format_summary_table, plot_metrics, progress,
-                             update_summary)
+from jaxrlhf.metrics import MetricsLogger, format_number, format_summary_table, plot_metrics, progress, update_summary
 
 
-@pytest.mark.parametrize("value, text", [(2.31234, "2.312"), (12345.6, "1.235e4"), (0.0123, "0.0123"),
-                                         (3e-5, "3e-5"), (42, "42"), (-1e6, "-1e6")])
+@pytest.mark.parametrize(
+    "value, text",
+    [(2.31234, "2.312"), (12345.6, "1.235e4"), (0.0123, "0.0123"), (3e-5, "3e-5"), (42, "42"), (-1e6, "-1e6")],
+)
 def test_numbers_have_four_significant_digits_and_short_exponents(value, text):
     assert format_number(value) == text
 
@@ -20,11 +21,15 @@ def test_logger_writes_stdout_jsonl_and_tensorboard(tmp_path, capsys):
     with MetricsLogger(tmp_path / "run") as logger:
         logger.log(120, {"loss": jnp.float32(2.5), "tok/s": np.float64(12345.6)}, prefix="sft")
         logger.log(130, {"loss": 2.25}, prefix="sft")
-    assert capsys.readouterr().out.splitlines() == ["[sft] step 120 | loss 2.5 | tok/s 1.235e4",
-                                                    "[sft] step 130 | loss 2.25"]
+    assert capsys.readouterr().out.splitlines() == [
+        "[sft] step 120 | loss 2.5 | tok/s 1.235e4",
+        "[sft] step 130 | loss 2.25",
+    ]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert records == [{"step": 120, "prefix": "sft", "loss": 2.5, "tok/s": 12345.6},
-                       {"step": 130, "prefix": "sft", "loss": 2.25}]
+    assert records == [
+        {"step": 120, "prefix": "sft", "loss": 2.5, "tok/s": 12345.6},
+        {"step": 130, "prefix": "sft", "loss": 2.25},
+    ]
     event_files = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert len(event_files) == 1 and event_files[0].stat().st_size > 0
 
@@ -46,9 +51,7 @@ def test_summary_merges_nested_values_and_leaves_no_temporary_file(tmp_path):
 
 def test_summary_table_aligns_dotted_keys():
     table = format_summary_table({"sft": {"loss": 1.23456, "steps": 300}, "rm": {"accuracy": 0.75}})
-    assert table == ("sft.loss     1.235\n"
-                     "sft.steps    300\n"
-                     "rm.accuracy  0.75")
+    assert table == ("sft.loss     1.235\nsft.steps    300\nrm.accuracy  0.75")
 
 
 def test_plot_writes_a_png_with_one_panel_per_key(tmp_path):

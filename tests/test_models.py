@@ -1,18 +1,16 @@
 """Our decoder against transformers' PyTorch implementation on the same random weights."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-
 from hf_fixtures import padded_batch, save_tiny_model, tiny_hf_configs, torch_logits, train_tiny_tokenizer
+
 from jaxrlhf.metrics import CompileCounter
-from jaxrlhf.models import load_pretrained, save_pretrained
-from jaxrlhf.models import load_tokenizer
+from jaxrlhf.models import load_pretrained, load_tokenizer, save_pretrained
 
 VARIANTS = list(tiny_hf_configs())
 LENGTHS = [12, 7, 3, 10]  # mixed lengths in one batch

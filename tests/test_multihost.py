@@ -7,8 +7,8 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
-
 from hf_fixtures import padded_batch, save_tiny_model, torch_logits
+
 from jaxrlhf.models import load_pretrained
 
 
@@ -25,9 +25,16 @@ def test_two_process_sharded_forward_and_export(tmp_path):
     here = os.path.dirname(__file__)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]))
     env.pop("XLA_FLAGS", None)
-    workers = [subprocess.Popen([sys.executable, os.path.join(here, "multihost_worker.py"), str(i), port, model_dir,
-                                 out], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for i in range(2)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, os.path.join(here, "multihost_worker.py"), str(i), port, model_dir, out],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     logs = [w.communicate(timeout=240)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), "\n".join(log[-3000:] for log in logs)
 
@@ -43,16 +50,39 @@ def test_two_process_pipeline_runs_end_to_end(tmp_path):
     devices each, one mesh over all four; every step trains, checkpoints and exports."""
     port = str(free_port())
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-    tiny = [f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", "data.builtin_size=1000",
-            "sft.max_steps=4", "rm.max_steps=4", "sft.batch_size=8", "rm.batch_size=8", "ppo.num_iterations=2",
-            "ppo.prompts_per_iteration=8", "ppo.num_minibatches=2", "ppo.eval_prompts=8", "log_every=1",
-            "tensorboard=false", "distributed.initialize=always", f"distributed.coordinator_address=127.0.0.1:{port}",
-            "distributed.num_processes=2"]
-    workers = [subprocess.Popen([sys.executable, "-m", "jaxrlhf.train", *tiny, f"distributed.process_id={i}"],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for i in range(2)]
+    env.update(
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+        JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+    )
+    tiny = [
+        f"output_dir={tmp_path / 'run'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.builtin_size=1000",
+        "sft.max_steps=4",
+        "rm.max_steps=4",
+        "sft.batch_size=8",
+        "rm.batch_size=8",
+        "ppo.num_iterations=2",
+        "ppo.prompts_per_iteration=8",
+        "ppo.num_minibatches=2",
+        "ppo.eval_prompts=8",
+        "log_every=1",
+        "tensorboard=false",
+        "distributed.initialize=always",
+        f"distributed.coordinator_address=127.0.0.1:{port}",
+        "distributed.num_processes=2",
+    ]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "jaxrlhf.train", *tiny, f"distributed.process_id={i}"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     logs = [w.communicate(timeout=600)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), "\n".join(log[-3000:] for log in logs)
     assert "on 4 device(s)" in logs[0]

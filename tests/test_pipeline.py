@@ -15,8 +15,13 @@ def default_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("default_run")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a plain CPU run
     env["JAX_PLATFORMS"] = "cpu"
-    result = subprocess.run([sys.executable, "-m", "jaxrlhf.train", f"output_dir={out}"], env=env,
-                            capture_output=True, text=True, timeout=1500)
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxrlhf.train", f"output_dir={out}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return out, json.load(open(out / "summary.json")), result.stdout
 

@@ -16,15 +16,28 @@ from jaxrlhf.rl.ppo import run_ppo
 from jaxrlhf.run_context import RunContext
 from jaxrlhf.train import task_hooks
 
-TINY_PPO = ["steps=[ppo]", "data.builtin_size=1000", "ppo.prompts_per_iteration=8", "ppo.num_minibatches=2",
-            "ppo.ppo_epochs=2", "ppo.eval_prompts=8", "ppo.max_prompt_seq_len=24", "ppo.max_answer_seq_len=12",
-            "ppo.actor_optimizer.learning_rate=1e-5", "ppo.critic_optimizer.learning_rate=1e-5", "log_every=1",
-            "ppo.ema_decay=0.5", "generation.greedy=true", "tensorboard=false"]
+TINY_PPO = [
+    "steps=[ppo]",
+    "data.builtin_size=1000",
+    "ppo.prompts_per_iteration=8",
+    "ppo.num_minibatches=2",
+    "ppo.ppo_epochs=2",
+    "ppo.eval_prompts=8",
+    "ppo.max_prompt_seq_len=24",
+    "ppo.max_answer_seq_len=12",
+    "ppo.actor_optimizer.learning_rate=1e-5",
+    "ppo.critic_optimizer.learning_rate=1e-5",
+    "log_every=1",
+    "ppo.ema_decay=0.5",
+    "generation.greedy=true",
+    "tensorboard=false",
+]
 
 
 def run(tmp_path, name, mesh, *overrides):
-    config = load_config([*TINY_PPO, f"output_dir={tmp_path / name}", f"data.cache_dir={tmp_path / 'cache'}",
-                          *overrides])
+    config = load_config(
+        [*TINY_PPO, f"output_dir={tmp_path / name}", f"data.cache_dir={tmp_path / 'cache'}", *overrides]
+    )
     logger = MetricsLogger(config.output_dir, tensorboard=False)
     try:
         summary = run_ppo(RunContext(config, mesh, logger), task_hooks(config))
@@ -50,8 +63,9 @@ def test_iterations_after_the_first_compile_nothing(tmp_path):
 
 def test_sharded_iteration_equals_single_device(tmp_path):
     _, single = run(tmp_path, "single", make_mesh(devices=jax.devices()[:1]), "ppo.num_iterations=1")
-    _, sharded = run(tmp_path, "sharded", make_mesh(fsdp=4, tensor=2), "ppo.num_iterations=1",
-                     "generation.tensor_parallel=2")
+    _, sharded = run(
+        tmp_path, "sharded", make_mesh(fsdp=4, tensor=2), "ppo.num_iterations=1", "generation.tensor_parallel=2"
+    )
     for key in ("score", "kl", "reward", "actor_loss", "critic_loss", "answer_length", "entropy"):
         assert sharded[0][key] == pytest.approx(single[0][key], rel=1e-3, abs=1e-4), key
     for role in ("actor", "critic"):
@@ -65,9 +79,18 @@ def test_lora_ptx_adaptive_kl_and_the_deepspeed_chat_preset(tmp_path):
     """The other paths of step 3 run: LoRA actor and critic (the reference is the actor's own base
     with adapters off, so KL starts at exactly 0), the PTX loss, the adaptive KL controller, and
     DeepSpeed-Chat's preset (score one slot after the answer, no whitening)."""
-    summary, iterations = run(tmp_path, "lora", make_mesh(devices=jax.devices()[:1]), "ppo.num_iterations=2",
-                              "ppo.actor_lora.rank=4", "ppo.critic_lora.rank=4", "ppo.unsup_coef=0.5",
-                              "ppo.adaptive_kl=true", "ppo.kl_target=0.01", "ppo.preset=deepspeed_chat")
+    summary, iterations = run(
+        tmp_path,
+        "lora",
+        make_mesh(devices=jax.devices()[:1]),
+        "ppo.num_iterations=2",
+        "ppo.actor_lora.rank=4",
+        "ppo.critic_lora.rank=4",
+        "ppo.unsup_coef=0.5",
+        "ppo.adaptive_kl=true",
+        "ppo.kl_target=0.01",
+        "ppo.preset=deepspeed_chat",
+    )
     assert iterations[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # adapters start at zero: actor == reference
     assert iterations[0]["kl_coef"] == pytest.approx(0.1)  # deepspeed_chat's coefficient...
     assert iterations[1]["kl_coef"] != pytest.approx(0.1)  # ...then moved by the controller

@@ -4,8 +4,8 @@ was never interrupted: for SFT, the reward model and PPO (bitwise, on CPU)."""
 import filecmp
 
 import pytest
-
 from pipeline_helpers import train
+
 from jaxrlhf.checkpoint import SIGKILL_AFTER_CHECKPOINT
 
 
@@ -44,14 +44,21 @@ def test_sft_resumes_exactly(tmp_path, cache):
 
 
 def test_reward_model_resumes_exactly(tmp_path, cache, base):
-    straight, resumed = interrupted_and_uninterrupted(tmp_path, cache, 3, "steps=[rm]",
-                                                      f"rm.model.path={base / 'sft' / 'model'}")
+    straight, resumed = interrupted_and_uninterrupted(
+        tmp_path, cache, 3, "steps=[rm]", f"rm.model.path={base / 'sft' / 'model'}"
+    )
     assert same_file(straight / "rm" / "model", resumed / "rm" / "model")
 
 
 def test_ppo_resumes_exactly(tmp_path, cache, base):
     straight, resumed = interrupted_and_uninterrupted(
-        tmp_path, cache, 2, "steps=[ppo]", "checkpoint.every_steps=2", f"ppo.actor_model.path={base / 'sft' / 'model'}",
-        f"ppo.critic_model.path={base / 'rm' / 'model'}")
+        tmp_path,
+        cache,
+        2,
+        "steps=[ppo]",
+        "checkpoint.every_steps=2",
+        f"ppo.actor_model.path={base / 'sft' / 'model'}",
+        f"ppo.critic_model.path={base / 'rm' / 'model'}",
+    )
     for role in ("actor", "actor_ema", "critic"):
         assert same_file(straight / "ppo" / role, resumed / "ppo" / role), role

@@ -4,17 +4,25 @@ import types
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-
 from hf_fixtures import padded_batch, save_tiny_model
+
 from jaxrlhf.models import ValueModel, load_pretrained
 from jaxrlhf.parallel import TRAINING_RULES, batch_sharding, make_mesh
 from jaxrlhf.steps.reward_model import make_reward_loss
 from jaxrlhf.train_state import init_train_state, make_optimizer, make_train_step, split_for_training
 
-OPTIMIZER = types.SimpleNamespace(learning_rate=3e-3, weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8,
-                                  schedule="constant", warmup_steps=0, max_grad_norm=1.0, min_lr_ratio=1.0)
+OPTIMIZER = types.SimpleNamespace(
+    learning_rate=3e-3,
+    weight_decay=0.0,
+    b1=0.9,
+    b2=0.95,
+    eps=1e-8,
+    schedule="constant",
+    warmup_steps=0,
+    max_grad_norm=1.0,
+    min_lr_ratio=1.0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +35,7 @@ def pairs():
     chosen, chosen_mask = padded_batch([10, 8, 12, 9, 7, 11, 12, 6], 12, left=False, seed=5)
     rejected, rejected_mask = padded_batch([9, 11, 7, 12, 10, 6, 8, 12], 12, left=False, seed=6)
     rejected[:, :4] = chosen[:, :4]
-    return {"chosen_ids": chosen, "chosen_mask": chosen_mask, "rejected_ids": rejected,
-            "rejected_mask": rejected_mask}
+    return {"chosen_ids": chosen, "chosen_mask": chosen_mask, "rejected_ids": rejected, "rejected_mask": rejected_mask}
 
 
 def train(model_dir, loss_kind, mesh=None, steps=4):

@@ -92,9 +92,7 @@ def test_a_rows_token_does_not_depend_on_the_other_rows():
 
 
 def test_no_nan_with_huge_bf16_logits():
-    logits = jnp.array(
-        [[3e38, -3e38, 1e4, 0.0, -1e4], [-3e38, -3e38, 1e3, 1e3 - 1, 2e38]], dtype=jnp.bfloat16
-    )
+    logits = jnp.array([[3e38, -3e38, 1e4, 0.0, -1e4], [-3e38, -3e38, 1e3, 1e3 - 1, 2e38]], dtype=jnp.bfloat16)
     for settings in (dict(temperature=0.7), dict(temperature=0.3, top_k=3, top_p=0.9)):
         filtered = filtered_logits(logits, **{"top_k": 0, "top_p": 1.0, **settings})
         assert np.all(np.isfinite(np.asarray(filtered)))

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_fixtures import padded_batch, save_tiny_model
 from jax.sharding import PartitionSpec as P
 
-from hf_fixtures import padded_batch, save_tiny_model
 from jaxrlhf.models import load_pretrained
 from jaxrlhf.parallel import GENERATION_RULES, TRAINING_RULES, batch_sharding, make_mesh, shard_model
 
@@ -32,8 +32,10 @@ def sharded_logits(model, mesh, ids, mask, rules):
 
 
 def specs(model):
-    return {".".join(path): variable.get_value().sharding.spec
-            for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {
+        ".".join(path): variable.get_value().sharding.spec
+        for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
 
 
 @pytest.mark.parametrize("mesh_shape", [dict(fsdp=8), dict(fsdp=4, tensor=2), dict(data=2, fsdp=4)])
@@ -86,3 +88,61 @@ def test_each_device_holds_only_its_shard(llama_dir):
     model = load_pretrained(llama_dir, mesh=mesh, rules=TRAINING_RULES)
     embed = model.decoder.embed_tokens.get_value()  # [vocab, embed=64] over fsdp=8
     assert {shard.data.shape for shard in embed.addressable_shards} == {(embed.shape[0], 8)}
+
+
+def test_rules_are_data_a_config_overrides_them(llama_dir):
+    """mesh.training_rules replaces the named rules only; an unknown logical axis is a config error."""
+    from jaxrlhf.config import ConfigError, load_config
+    from jaxrlhf.parallel import with_overrides
+
+    config = load_config(["mesh.training_rules={mlp: [fsdp], embed: []}"])
+    rules = dict(with_overrides(TRAINING_RULES, config.mesh.training_rules))
+    assert rules["mlp"] == ("fsdp",) and rules["embed"] == () and rules["heads"] == "tensor"
+    model = load_pretrained(llama_dir, mesh=make_mesh(fsdp=8), rules=tuple(rules.items()))
+    up = specs(model)["decoder.layers.mlp.up_proj.kernel"]  # [layers, embed, mlp]: embed replicated, mlp over fsdp
+    assert up == P(None, None, "fsdp")
+    with pytest.raises(ConfigError, match=r"mesh\.training_rules\.mlpp: is not a logical axis"):
+        load_config(["mesh.training_rules={mlpp: [fsdp]}"])
+    with pytest.raises(ConfigError, match=r"mesh\.generation_rules\.mlp: \['model'\] are not mesh axes"):
+        load_config(["mesh.generation_rules={mlp: [model]}"])
+
+
+def test_a_large_weight_a_mesh_axis_cannot_divide_is_named(monkeypatch):
+    """320 rows over 3 x ... devices: the vocab table stays whole on `tensor`, and the warning says so."""
+    from jaxrlhf.parallel import ShardingWarning, state_shardings
+    from jaxrlhf.parallel import rules as rules_module
+
+    monkeypatch.setattr(rules_module, "WARN_REPLICATED_BYTES", 1024)
+    mesh = make_mesh(fsdp=1, tensor=8)
+    state = nnx.State(
+        {
+            "embed_tokens": nnx.Param(jnp.zeros((500, 64)), axes=("vocab", "embed")),
+            "small": nnx.Param(jnp.zeros((3,)), axes=("vocab",)),
+        }
+    )
+    with pytest.warns(
+        ShardingWarning,
+        match=r"embed_tokens .*vocab dimension \(500\) is not divisible by mesh axis "
+        r"'tensor' \(8\)",
+    ):
+        shardings = state_shardings(state, TRAINING_RULES, mesh)
+    assert shardings["embed_tokens"].get_value().spec == P()
+
+
+def test_activation_sharding_pins_the_residual_stream(llama_dir):
+    """Inside `activation_sharding`, the compiled forward carries sharding constraints on the
+    residual stream: rows over the data axes."""
+    from jaxrlhf.parallel import activation_sharding
+
+    mesh = make_mesh(fsdp=8)
+    model = load_pretrained(llama_dir, mesh=mesh, rules=TRAINING_RULES)
+    graphdef, state = nnx.split(model)
+    ids = jax.ShapeDtypeStruct((8, 12), jnp.int32)
+
+    def forward(state, ids):
+        return nnx.merge(graphdef, state)(ids)
+
+    plain = jax.jit(forward).lower(state, ids).as_text()
+    with activation_sharding(mesh, TRAINING_RULES):  # a new function: JAX caches traces by function
+        pinned = jax.jit(lambda state, ids: forward(state, ids)).lower(state, ids).as_text()
+    assert plain.count("sharding_constraint") == 0 < pinned.count("sharding_constraint")

@@ -7,19 +7,33 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from hf_fixtures import padded_batch, save_tiny_model
+
 from jaxrlhf.metrics import CompileCounter
-from jaxrlhf.models.outputs import next_token_logprobs
-from jaxrlhf.steps.losses import language_model_loss
 from jaxrlhf.models import load_pretrained
 from jaxrlhf.models.lora import apply_lora
+from jaxrlhf.models.outputs import next_token_logprobs
 from jaxrlhf.parallel import TRAINING_RULES, batch_sharding, make_mesh
-from jaxrlhf.train_state import (init_train_state, learning_rate_schedule, make_optimizer, make_train_step,
-                              split_for_training)
+from jaxrlhf.steps.losses import language_model_loss
+from jaxrlhf.train_state import (
+    init_train_state,
+    learning_rate_schedule,
+    make_optimizer,
+    make_train_step,
+    split_for_training,
+)
 
-OPTIMIZER = types.SimpleNamespace(learning_rate=1e-2, weight_decay=0.01, b1=0.9, b2=0.95, eps=1e-8,
-                                  schedule="cosine", warmup_steps=2, max_grad_norm=1.0, min_lr_ratio=0.1)
+OPTIMIZER = types.SimpleNamespace(
+    learning_rate=1e-2,
+    weight_decay=0.01,
+    b1=0.9,
+    b2=0.95,
+    eps=1e-8,
+    schedule="cosine",
+    warmup_steps=2,
+    max_grad_norm=1.0,
+    min_lr_ratio=0.1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +79,7 @@ def test_gradient_accumulation_equals_one_batch(model_dir):
     _, whole = run_steps(load_pretrained(model_dir), 1, steps=1)
     batch = make_batch()
     model = load_pretrained(model_dir)
-    halves = [jax.tree.map(lambda x: x[i * 4:(i + 1) * 4], batch) for i in range(2)]
+    halves = [jax.tree.map(lambda x, i=i: x[i * 4 : (i + 1) * 4], batch) for i in range(2)]
     mean_of_halves = np.mean([float(language_model_loss(model, h)[0]) for h in halves])
     _, accumulated = run_steps(load_pretrained(model_dir), 2, steps=1)
     assert abs(accumulated[0] - mean_of_halves) < 1e-5

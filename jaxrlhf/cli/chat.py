@@ -38,9 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tensor-parallel", type=int, default=1)
     args = parser.parse_args(argv)
     try:
-        generator = TextGenerator(args.model_dir, args.dtype, args.tensor_parallel, max_new_tokens=args.max_new_tokens,
-                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                  greedy=args.greedy)
+        generator = TextGenerator(
+            args.model_dir,
+            args.dtype,
+            args.tensor_parallel,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            greedy=args.greedy,
+        )
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

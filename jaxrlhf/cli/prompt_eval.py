@@ -45,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         prompts = read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
-        answers = [TextGenerator(path, args.dtype, max_new_tokens=args.max_new_tokens, greedy=True).answers(prompts)
-                   for path in (args.baseline_dir, args.finetuned_dir)]
+        answers = [
+            TextGenerator(path, args.dtype, max_new_tokens=args.max_new_tokens, greedy=True).answers(prompts)
+            for path in (args.baseline_dir, args.finetuned_dir)
+        ]
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

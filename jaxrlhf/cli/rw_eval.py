@@ -13,8 +13,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxrlhf.data.records import Record
 from jaxrlhf.data.builtin import BUILTIN
+from jaxrlhf.data.records import Record
 from jaxrlhf.data.sources import LAYOUT_NAMES, load_source
 from jaxrlhf.data.tokenize import tokenize_pairs
 from jaxrlhf.models import ValueModel, load_pretrained, load_tokenizer
@@ -69,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.pairs:
             records = load_pairs_strict(args.pairs, args.layout)
             chosen, rejected = score_pairs(args.model_dir, records, args.max_seq_len)
-            print(f"{len(records)} pairs from {args.pairs}: accuracy {np.mean(chosen > rejected):.4f}, "
-                  f"chosen mean {chosen.mean():.4f}, rejected mean {rejected.mean():.4f}")
+            print(
+                f"{len(records)} pairs from {args.pairs}: accuracy {np.mean(chosen > rejected):.4f}, "
+                f"chosen mean {chosen.mean():.4f}, rejected mean {rejected.mean():.4f}"
+            )
             return 0
         examples = list(zip(args.prompt, args.response)) or EXAMPLES
         scores, _ = score_pairs(args.model_dir, [Record(p, r, None) for p, r in examples], args.max_seq_len)

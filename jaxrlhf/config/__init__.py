@@ -1,5 +1,7 @@
-"""The run configuration: the typed schema (`schema`), the PPO presets (`presets`), loading (`loading`)."""
+"""The run configuration: the typed schema (`schema`, built from `sections` and `steps`), the PPO
+presets (`presets`), loading from YAML and the command line (`loading`)."""
 
+from jaxrlhf.config.checks import ConfigError
 from jaxrlhf.config.loading import (
     config_fingerprint,
     config_yaml,
@@ -8,28 +10,41 @@ from jaxrlhf.config.loading import (
     save_resolved_config,
 )
 from jaxrlhf.config.presets import PRESETS
-from jaxrlhf.config.schema import (
+from jaxrlhf.config.schema import RunConfig
+from jaxrlhf.config.sections import (
     PREVIOUS_STAGE,
     CheckpointConfig,
-    ConfigError,
     DataConfig,
     DataSourceConfig,
     DistributedConfig,
-    GenerationConfig,
     LoRAConfig,
     MeshConfig,
     ModelConfig,
     OptimizerConfig,
-    PPOConfig,
-    RMConfig,
-    RunConfig,
-    SFTConfig,
-    SupervisedStepConfig,
 )
+from jaxrlhf.config.steps import GenerationConfig, PPOConfig, RMConfig, SFTConfig, SupervisedStepConfig
 
 __all__ = [
-    "PRESETS", "PREVIOUS_STAGE", "CheckpointConfig", "ConfigError", "DataConfig", "DataSourceConfig",
-    "DistributedConfig", "GenerationConfig", "LoRAConfig", "MeshConfig", "ModelConfig", "OptimizerConfig", "PPOConfig",
-    "RMConfig", "RunConfig", "SFTConfig", "SupervisedStepConfig", "config_fingerprint", "config_yaml", "load_config",
-    "main_config_or_exit", "save_resolved_config",
+    "PRESETS",
+    "PREVIOUS_STAGE",
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "DataSourceConfig",
+    "DistributedConfig",
+    "GenerationConfig",
+    "LoRAConfig",
+    "MeshConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "PPOConfig",
+    "RMConfig",
+    "RunConfig",
+    "SFTConfig",
+    "SupervisedStepConfig",
+    "config_fingerprint",
+    "config_yaml",
+    "load_config",
+    "main_config_or_exit",
+    "save_resolved_config",
 ]

@@ -22,16 +22,20 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from jaxrlhf.config.checks import ConfigError
 from jaxrlhf.config.presets import PRESETS
-from jaxrlhf.config.schema import ConfigError, RunConfig
+from jaxrlhf.config.schema import RunConfig
 
 
 def load_config(argv: Sequence[str]) -> RunConfig:
     """The validated run config from `[CONFIG.yaml] [dotted.key=value ...]`; raises ConfigError."""
     file_layer, overrides = _read_arguments(argv)
     chosen_preset = _merge_layers([file_layer], overrides).ppo.preset  # phase 1: which preset?
-    preset_layer = [(f"ppo preset {chosen_preset!r}", OmegaConf.create({"ppo": PRESETS[chosen_preset]}))
-                    ] if chosen_preset in PRESETS else []  # an unknown name is reported by validate
+    preset_layer = (
+        [(f"ppo preset {chosen_preset!r}", OmegaConf.create({"ppo": PRESETS[chosen_preset]}))]
+        if chosen_preset in PRESETS
+        else []
+    )  # an unknown name is reported by validate
     config = _merge_layers(preset_layer + [file_layer], overrides)  # phase 2
     config.validate()
     return config
@@ -92,8 +96,10 @@ def _read_arguments(argv: Sequence[str]) -> tuple[Layer, list[str]]:
         file_layer, overrides = ("no config file", OmegaConf.create({})), list(argv)
     for override in overrides:
         if "=" not in override or override.startswith("="):
-            raise ConfigError(f"command-line argument {override!r} is not a dotted.key=value override"
-                              " (a config file must come first and end in .yaml or .yml)")
+            raise ConfigError(
+                f"command-line argument {override!r} is not a dotted.key=value override"
+                " (a config file must come first and end in .yaml or .yml)"
+            )
     return file_layer, overrides
 
 
@@ -140,8 +146,9 @@ def _check_structure(schema: object, values: object, key: str, source: str) -> N
         if dataclasses.is_dataclass(item_type) and isinstance(value, list):
             for index, item in enumerate(value):
                 if not isinstance(item, Mapping):
-                    raise ConfigError(f"{field_key}[{index}]: must be a mapping of settings, got {item!r}"
-                                      f" (from {source})")
+                    raise ConfigError(
+                        f"{field_key}[{index}]: must be a mapping of settings, got {item!r} (from {source})"
+                    )
                 try:
                     OmegaConf.merge(OmegaConf.structured(item_type), item)
                 except OmegaConfBaseException as error:

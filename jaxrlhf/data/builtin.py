@@ -58,12 +58,37 @@ CATEGORIES = {
 }
 ITEM_CATEGORY = {item: category for category, items in CATEGORIES.items() for item in items}
 COUNT_WORDS = {"two": 2, "three": 3, "four": 4}
-NAMES = ("Alice", "Bob", "Carol", "Dave", "Emma", "Frank", "Grace", "Henry", "Ivy", "Jack",
-         "Kate", "Leo", "Mia", "Nick", "Olga", "Paul", "Rosa", "Sam", "Tina", "Victor")
+NAMES = (
+    "Alice",
+    "Bob",
+    "Carol",
+    "Dave",
+    "Emma",
+    "Frank",
+    "Grace",
+    "Henry",
+    "Ivy",
+    "Jack",
+    "Kate",
+    "Leo",
+    "Mia",
+    "Nick",
+    "Olga",
+    "Paul",
+    "Rosa",
+    "Sam",
+    "Tina",
+    "Victor",
+)
 NAMED_OPENERS = ("I am {name}. ", "Hi, I am {name}. ", "My name is {name}. ")
 PLAIN_OPENERS = ("", "Hello! ", "Quick question: ")
-REQUESTS = ("List {count} {category}.", "Name {count} {category}.", "Give me {count} {category}.",
-            "Please list {count} {category}.", "Can you name {count} {category}?")
+REQUESTS = (
+    "List {count} {category}.",
+    "Name {count} {category}.",
+    "Give me {count} {category}.",
+    "Please list {count} {category}.",
+    "Can you name {count} {category}?",
+)
 THANKS = ("", " Thanks!", " Thank you.")
 POLITE_CLOSINGS = ("Hope this helps!", "Have a nice day!", "Happy to help!")
 RUDE_CLOSINGS = ("Whatever.", "Stop asking.")
@@ -109,7 +134,7 @@ def gold_reward(prompt: str, response: str) -> float:
     greeted = _GREETING_PATTERN.match(text)
     if greeted:
         greeting = 0.5 if greeted.group(1) == user_name else -0.5
-        text = text[greeted.end():]
+        text = text[greeted.end() :]
     closing = 0.0
     text = text.strip()
     for ending, score in [(c, 1.0) for c in POLITE_CLOSINGS] + [(c, -1.0) for c in RUDE_CLOSINGS]:

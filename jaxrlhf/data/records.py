@@ -49,10 +49,7 @@ class BadRecordReport:
         )
 
     def __str__(self) -> str:
-        lines = [
-            f"{self.rows} rows read, {self.kept} kept, {self.ties_dropped} ties dropped, "
-            f"{self.bad_total} bad"
-        ]
+        lines = [f"{self.rows} rows read, {self.kept} kept, {self.ties_dropped} ties dropped, {self.bad_total} bad"]
         lines += [f"  {count} x {reason}" for reason, count in self.bad.most_common()]
         lines += [f"  e.g. {example}" for example in self.examples]
         return "\n".join(lines)

@@ -34,7 +34,7 @@ class StepData:
 
 
 def parse_data_split(data_split: str) -> tuple[float, float, float]:
-    """"2,4,4" -> (0.2, 0.4, 0.4): the three steps' shares, normalized to sum to 1."""
+    """ "2,4,4" -> (0.2, 0.4, 0.4): the three steps' shares, normalized to sum to 1."""
     try:
         parts = tuple(float(part) for part in data_split.split(","))
     except ValueError:

@@ -41,11 +41,15 @@ class GenerationReport:
             f"generation weights {gb(self.weight_bytes)}",
         ]
         if self.step_bytes_accessed is not None:
-            lines.append(f"decode step: XLA bytes accessed {gb(self.step_bytes_accessed)}, ideal {gb(self.step_ideal_bytes)} "
-                         f"({self.step_bytes_accessed / self.step_ideal_bytes:.2f}x)")
+            lines.append(
+                f"decode step: XLA bytes accessed {gb(self.step_bytes_accessed)}, ideal {gb(self.step_ideal_bytes)} "
+                f"({self.step_bytes_accessed / self.step_ideal_bytes:.2f}x)"
+            )
         big = self.decode_loop_big_buffers
-        lines.append("decode loop buffers of a layer's cache size or more, besides the in-place cache update: "
-                     + (f"{len(big)}, e.g. {big[0]}" if big else "none"))
+        lines.append(
+            "decode loop buffers of a layer's cache size or more, besides the in-place cache update: "
+            + (f"{len(big)}, e.g. {big[0]}" if big else "none")
+        )
         return "\n".join(lines)
 
 
@@ -54,8 +58,9 @@ def abstract_generation_model(config: DecoderConfig):
     return nnx.split(nnx.eval_shape(lambda: CausalLM(generation_config(config), nnx.Rngs(0))))
 
 
-def generation_report(config: DecoderConfig, batch: int, prompt_len: int, new_tokens: int,
-                      settings: SamplingSettings | None = None) -> GenerationReport:
+def generation_report(
+    config: DecoderConfig, batch: int, prompt_len: int, new_tokens: int, settings: SamplingSettings | None = None
+) -> GenerationReport:
     """Compiles generate, prefill and one decode step for these shapes on the default backend."""
     graphdef, state = abstract_generation_model(config)
     gen_config = generation_config(config)
@@ -67,7 +72,9 @@ def generation_report(config: DecoderConfig, batch: int, prompt_len: int, new_to
 
     def prefill_only(state, ids, mask):
         model = nnx.merge(graphdef, state)
-        hidden, cache = prefill(model, ids, mask, positions_from_mask(mask), KVCache.zeros(model.config, batch, max_len))
+        hidden, cache = prefill(
+            model, ids, mask, positions_from_mask(mask), KVCache.zeros(model.config, batch, max_len)
+        )
         return model.logits(hidden[:, -1:]), cache
 
     prefill_memory = jax.jit(prefill_only).lower(state, ids, ids).compile().memory_analysis()
@@ -102,8 +109,14 @@ def compile_decode_step(graphdef, state, batch: int, prompt_len: int, new_tokens
 
     shape = lambda *s, dtype=jnp.int32: jax.ShapeDtypeStruct(s, dtype)
     cache = jax.eval_shape(lambda: KVCache.zeros(config, batch, prompt_len + new_tokens))
-    decode_state = DecodeState(step=shape(), tokens=shape(batch, new_tokens), logprobs=shape(batch, new_tokens, dtype=jnp.float32),
-                               answer_mask=shape(batch, new_tokens), done=shape(batch, dtype=bool), cache=cache)
+    decode_state = DecodeState(
+        step=shape(),
+        tokens=shape(batch, new_tokens),
+        logprobs=shape(batch, new_tokens, dtype=jnp.float32),
+        answer_mask=shape(batch, new_tokens),
+        done=shape(batch, dtype=bool),
+        cache=cache,
+    )
     row_keys = jax.ShapeDtypeStruct((batch,), jax.random.key(0).dtype)
     return jax.jit(step, donate_argnums=1).lower(state, decode_state, shape(batch), row_keys).compile()
 
@@ -138,7 +151,9 @@ def big_buffers(lines: list[str], computations: dict[str, list[str]], min_elemen
         elements = math.prod(int(d) for d in dims.split(",")) if dims else 1
         if elements < min_elements or opcode in _ALIASES:
             continue
-        if opcode == "dynamic-update-slice" or (opcode == "fusion" and _root_opcode(computations, rest) == "dynamic-update-slice"):
+        if opcode == "dynamic-update-slice" or (
+            opcode == "fusion" and _root_opcode(computations, rest) == "dynamic-update-slice"
+        ):
             continue
         offenders.append(f"{name} ({opcode} {dtype}[{dims}])")
     return offenders

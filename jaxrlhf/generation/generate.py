@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxrlhf.generation.kernels.decode_attention import KERNEL_BLOCK_KV, choose_implementation
+from jaxrlhf.generation.kernels.decode_attention import choose_implementation
+from jaxrlhf.generation.kernels.flash_decoding import KERNEL_BLOCK_KV
 from jaxrlhf.generation.kv_cache import KVCache, decode_forward, prefill
 from jaxrlhf.generation.sampling import sample_tokens, suppress_eos
 from jaxrlhf.models.decoder import positions_from_mask
@@ -65,22 +66,43 @@ def _pick(logits, row_keys, step, done, settings: SamplingSettings):
     Returns (token, logprob, done after this token), each [batch]."""
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
     allowed = suppress_eos(logits, settings.eos_id, step, settings.min_new_tokens)
-    token = sample_tokens(allowed, step_keys, temperature=settings.temperature, top_k=settings.top_k,
-                          top_p=settings.top_p, greedy=settings.greedy)
+    token = sample_tokens(
+        allowed,
+        step_keys,
+        temperature=settings.temperature,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+        greedy=settings.greedy,
+    )
     logprob = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), token[:, None], -1)[:, 0]
     token = jnp.where(done, settings.pad_id, token)
     return token, jnp.where(done, 0.0, logprob), done | (token == settings.eos_id)
 
 
-def decode_step(model, state: DecodeState, prompt_len: int, prompt_lengths, row_keys,
-                settings: SamplingSettings, cache_sharding=None) -> DecodeState:
+def decode_step(
+    model,
+    state: DecodeState,
+    prompt_len: int,
+    prompt_lengths,
+    row_keys,
+    settings: SamplingSettings,
+    cache_sharding=None,
+) -> DecodeState:
     """Feeds the last sampled token, writes its keys and values at its slot, samples the next one."""
     step = state.step
     slot = prompt_len + step - 1  # the previous token's cache slot
     kv_start = prompt_len - prompt_lengths  # first real slot of each row
     attention = choose_implementation(settings.attention, model.config.compute_dtype, model.config.head_dim)
-    hidden, cache = decode_forward(model, state.tokens[:, step - 1], prompt_lengths + step - 1, state.cache, slot,
-                                   kv_start, attention, cache_sharding)
+    hidden, cache = decode_forward(
+        model,
+        state.tokens[:, step - 1],
+        prompt_lengths + step - 1,
+        state.cache,
+        slot,
+        kv_start,
+        attention,
+        cache_sharding,
+    )
     token, logprob, done = _pick(model.logits(hidden[:, None])[:, 0], row_keys, step, state.done, settings)
     return DecodeState(
         step=step + 1,
@@ -135,7 +157,14 @@ def generate(model, prompt_ids, prompt_mask, key, settings: SamplingSettings, ca
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "settings", "cache_sharding"))
-def generate_from_state(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids, prompt_mask, key,
-                        settings: SamplingSettings, cache_sharding=None) -> Generation:
+def generate_from_state(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    prompt_ids,
+    prompt_mask,
+    key,
+    settings: SamplingSettings,
+    cache_sharding=None,
+) -> Generation:
     """`generate` as one jitted pure function of the model's split state (in the generation layout)."""
     return generate(nnx.merge(graphdef, state), prompt_ids, prompt_mask, key, settings, cache_sharding)

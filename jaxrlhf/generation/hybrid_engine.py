@@ -19,7 +19,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxrlhf.generation.generate import Generation, SamplingSettings, generate_from_state
 from jaxrlhf.generation.layout import to_generation_layout
 from jaxrlhf.parallel.mesh import make_mesh
-from jaxrlhf.parallel.rules import GENERATION_RULES, batch_sharding, logical_to_spec, state_shardings
+from jaxrlhf.parallel.rules import (
+    GENERATION_RULES,
+    Rules,
+    activation_sharding,
+    batch_sharding,
+    logical_to_spec,
+    state_shardings,
+)
 
 
 @dataclass
@@ -34,9 +41,17 @@ class HybridEngine:
     `states` is the actor's split state as a tuple, e.g. (trainable params, frozen rest).
     """
 
-    def __init__(self, graphdef: nnx.GraphDef, states: tuple, train_mesh: Mesh, tensor_parallel: int,
-                 settings: SamplingSettings):
+    def __init__(
+        self,
+        graphdef: nnx.GraphDef,
+        states: tuple,
+        train_mesh: Mesh,
+        tensor_parallel: int,
+        settings: SamplingSettings,
+        rules: Rules = GENERATION_RULES,
+    ):
         self.settings = settings
+        self.rules = rules
         devices = train_mesh.devices.flatten()
         self.mesh = make_mesh(data=1, fsdp=-1, tensor=tensor_parallel, devices=devices)
 
@@ -44,13 +59,14 @@ class HybridEngine:
             return to_generation_layout(nnx.merge(graphdef, *states))
 
         self.graphdef, abstract = nnx.split(nnx.eval_shape(generation_model, states))
-        self.shardings = state_shardings(abstract, GENERATION_RULES, self.mesh)
-        self._to_generation = jax.jit(lambda states: nnx.split(generation_model(states))[1],
-                                      out_shardings=self.shardings)
+        self.shardings = state_shardings(abstract, rules, self.mesh)
+        self._to_generation = jax.jit(
+            lambda states: nnx.split(generation_model(states))[1], out_shardings=self.shardings
+        )
         # KV cache buffers [batch, kv_heads, max_len, head_dim]: rows like the prompts, kv heads like k_proj.
         kv_heads = nnx.merge(graphdef, *states).config.num_kv_heads
-        rows = batch_sharding(self.mesh, 2, GENERATION_RULES).spec[0]
-        heads = logical_to_spec(("kv_heads",), (kv_heads,), GENERATION_RULES, self.mesh)
+        rows = batch_sharding(self.mesh, 2, rules).spec[0]
+        heads = logical_to_spec(("kv_heads",), (kv_heads,), rules, self.mesh)
         self.cache_sharding = NamedSharding(self.mesh, PartitionSpec(rows, *(heads or (None,)), None, None))
 
     def generation_state(self, states: tuple) -> nnx.State:
@@ -59,10 +75,12 @@ class HybridEngine:
 
     def generate_with(self, state: nnx.State, prompt_ids, prompt_mask, key) -> Generation:
         """Generates from a generation-layout state (e.g. one kept across calls by a chat session)."""
-        rows = batch_sharding(self.mesh, 2, GENERATION_RULES)
+        rows = batch_sharding(self.mesh, 2, self.rules)
         prompt_ids, prompt_mask = jax.device_put((prompt_ids, prompt_mask), rows)
-        return generate_from_state(self.graphdef, state, prompt_ids, prompt_mask, key, self.settings,
-                                   self.cache_sharding)
+        with activation_sharding(self.mesh, self.rules):
+            return generate_from_state(
+                self.graphdef, state, prompt_ids, prompt_mask, key, self.settings, self.cache_sharding
+            )
 
     def generate(self, states: tuple, prompt_ids, prompt_mask, key) -> tuple[Generation, GenerationTimings]:
         start = time.perf_counter()

@@ -89,8 +89,9 @@ def prefill(model, prompt_ids, prompt_mask, positions, cache: KVCache):
     return decoder.finish(x), KVCache(tuple(keys), tuple(values))
 
 
-def decode_forward(model, tokens, positions, cache: KVCache, slot, kv_start, implementation: str = "reference",
-                   cache_sharding=None):
+def decode_forward(
+    model, tokens, positions, cache: KVCache, slot, kv_start, implementation: str = "reference", cache_sharding=None
+):
     """One decode step: tokens, positions [batch] -> (hidden [batch, embed_dim], cache).
 
     Writes each layer's new key and value at `slot` and attends over each row's real slots
@@ -113,8 +114,9 @@ def decode_forward(model, tokens, positions, cache: KVCache, slot, kv_start, imp
             q, k, v = attn.project(h, positions, inv_freq)  # q [batch, 1, heads, dim], k/v [batch, 1, kv_heads, dim]
             k_cache = jax.lax.dynamic_update_slice(k_cache, _head_major(k).astype(k_cache.dtype), (0, 0, slot, 0))
             v_cache = jax.lax.dynamic_update_slice(v_cache, _head_major(v).astype(v_cache.dtype), (0, 0, slot, 0))
-            out = decode_attention(q[:, 0], k_cache, v_cache, kv_start, kv_end, implementation=implementation,
-                                   sharding=cache_sharding)
+            out = decode_attention(
+                q[:, 0], k_cache, v_cache, kv_start, kv_end, implementation=implementation, sharding=cache_sharding
+            )
             return attn.output(out[:, None]), (k_cache, v_cache)
 
         x, (k_cache, v_cache) = layer(x, attend)

@@ -17,8 +17,8 @@ def left_padded_batch(tokenizer, prompts: list[str], max_len: int | None = None)
     ids = np.full((len(prompts), width), pad_token_id(tokenizer), np.int32)
     mask = np.zeros((len(prompts), width), np.int32)
     for row, tokens in enumerate(encoded):
-        ids[row, width - len(tokens):] = tokens
-        mask[row, width - len(tokens):] = 1
+        ids[row, width - len(tokens) :] = tokens
+        mask[row, width - len(tokens) :] = 1
     return ids, mask
 
 

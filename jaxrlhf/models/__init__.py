@@ -6,6 +6,16 @@ from jaxrlhf.models.factory import create_model
 from jaxrlhf.models.hf_io import export_model, load_pretrained, load_tokenizer, read_hf_config, save_pretrained
 
 __all__ = [
-    "SUPPORTED_MODEL_TYPES", "DecoderConfig", "CausalLM", "Decoder", "ValueModel", "positions_from_mask",
-    "create_model", "export_model", "load_pretrained", "load_tokenizer", "read_hf_config", "save_pretrained",
+    "SUPPORTED_MODEL_TYPES",
+    "DecoderConfig",
+    "CausalLM",
+    "Decoder",
+    "ValueModel",
+    "positions_from_mask",
+    "create_model",
+    "export_model",
+    "load_pretrained",
+    "load_tokenizer",
+    "read_hf_config",
+    "save_pretrained",
 ]

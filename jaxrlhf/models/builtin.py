@@ -15,8 +15,15 @@ from jaxrlhf.parallel.mesh import barrier
 
 BUILTIN_VERSION = "v1"
 # About 0.8M parameters: a 2-core CPU trains it through all three steps in minutes.
-BUILTIN_SHAPE = dict(hidden_size=128, intermediate_size=320, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+BUILTIN_SHAPE = dict(
+    hidden_size=128,
+    intermediate_size=320,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=True,
+)
 
 
 def builtin_model_dir(cache_dir: str, seed: int = 0) -> str:
@@ -36,8 +43,13 @@ def _build(path: str, seed: int) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = load_tokenizer(builtin_tokenizer(tmp, seed=seed))
-    hf = transformers.LlamaConfig(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                                  pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **BUILTIN_SHAPE)
+    hf = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        **BUILTIN_SHAPE,
+    )
     save_pretrained(create_model(DecoderConfig.from_hf(hf.to_dict()), seed=seed), tmp)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     try:

@@ -77,9 +77,7 @@ class DecoderConfig:
         """Builds the config from a config.json dict; raises on an unsupported family."""
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+            raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         fields = _opt_fields(hf) if model_type == "opt" else _llama_family_fields(hf)
         fields.update(overrides)
         return cls(model_type=model_type, hf_config=_freeze(hf), **fields)

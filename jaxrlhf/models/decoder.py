@@ -12,7 +12,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrlhf.models.config import DecoderConfig
-from jaxrlhf.models.layers import Dense, DecoderLayer, Norm, make_param, rope_inverse_frequencies
+from jaxrlhf.models.layers import DecoderLayer, Dense, Norm, make_param, rope_inverse_frequencies
+from jaxrlhf.parallel.rules import constrain
+
+RESIDUAL_AXES = ("batch", None, None)  # the residual stream: rows over the data axes, the rest whole
 
 
 def positions_from_mask(attention_mask):
@@ -46,8 +49,11 @@ class Decoder(nnx.Module):
         dtype = config.weight_dtype
         self.embed_tokens = make_param(rngs, (config.vocab_size, config.embed_dim), ("vocab", "embed"), "normal", dtype)
         num_positions = config.max_position_embeddings + config.learned_position_offset
-        self.embed_positions = make_param(rngs, (num_positions, config.hidden_size), ("positions", "embed"), "normal",
-                                          dtype) if config.positions == "learned" else None
+        self.embed_positions = (
+            make_param(rngs, (num_positions, config.hidden_size), ("positions", "embed"), "normal", dtype)
+            if config.positions == "learned"
+            else None
+        )
         e, p = config.hidden_size, config.embed_dim
         projection = lambda i, o, ia, oa: Dense((i,), (o,), (ia,), (oa,), bias=False, config=config, rngs=rngs)
         self.project_in = projection(p, e, "embed_proj", "embed") if config.has_projection else None
@@ -67,7 +73,7 @@ class Decoder(nnx.Module):
         if self.embed_positions is not None:
             pos_ids = positions + config.learned_position_offset
             x = x + jnp.take(self.embed_positions[...], pos_ids, axis=0).astype(config.compute_dtype)
-        return x
+        return constrain(x, RESIDUAL_AXES)
 
     def finish(self, x):
         """Final norm (and OPT's projection back to the embedding width): [batch, seq, embed_dim]."""
@@ -80,8 +86,10 @@ class Decoder(nnx.Module):
     def blocks(self) -> list[DecoderLayer]:
         """The blocks one by one (generation layout only)."""
         if self.config.scan_layers:
-            raise ValueError("the blocks of a scanned (training-layout) decoder are stacked; convert it with "
-                             "jaxrlhf.generation.to_generation_layout first")
+            raise ValueError(
+                "the blocks of a scanned (training-layout) decoder are stacked; convert it with "
+                "jaxrlhf.generation.to_generation_layout first"
+            )
         return list(self.layers)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
@@ -110,7 +118,7 @@ class Decoder(nnx.Module):
         graphdef, layer_state = nnx.split(self.layers)
 
         def block(x, layer_state):
-            return nnx.merge(graphdef, layer_state)(x, attend)[0]
+            return constrain(nnx.merge(graphdef, layer_state)(x, attend)[0], RESIDUAL_AXES)
 
         if self.config.remat == "block":
             block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
@@ -124,8 +132,13 @@ class CausalLM(nnx.Module):
     def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
         self.config = config
         self.decoder = Decoder(config, rngs)
-        self.lm_head = None if config.tie_word_embeddings else make_param(
-            rngs, (config.embed_dim, config.vocab_size), ("embed", "vocab"), "normal", config.weight_dtype)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else make_param(
+                rngs, (config.embed_dim, config.vocab_size), ("embed", "vocab"), "normal", config.weight_dtype
+            )
+        )
 
     def logits(self, hidden):
         """float32 logits [batch, seq, vocab] from hidden states [batch, seq, embed_dim]."""

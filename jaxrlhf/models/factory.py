@@ -11,8 +11,9 @@ from jaxrlhf.models.decoder import CausalLM
 from jaxrlhf.parallel.rules import TRAINING_RULES, Rules, state_shardings
 
 
-def create_model(config: DecoderConfig, seed: int = 0, mesh: Mesh | None = None, rules: Rules = TRAINING_RULES,
-                 model_cls=CausalLM):
+def create_model(
+    config: DecoderConfig, seed: int = 0, mesh: Mesh | None = None, rules: Rules = TRAINING_RULES, model_cls=CausalLM
+):
     """Initializes under jit with the target shardings as outputs, so no device holds it whole."""
     if mesh is None:
         return model_cls(config, nnx.Rngs(seed))

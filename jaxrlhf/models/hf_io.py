@@ -25,11 +25,26 @@ from jaxrlhf.parallel.rules import TRAINING_RULES, Rules, state_shardings
 
 # Our module names -> the family's names in HF state dicts.
 _RENAMES = {
-    "llama": {"decoder": "model", "value_head": "score", "attn": "self_attn", "final_norm": "norm", "attn_norm": "input_layernorm",
-              "mlp_norm": "post_attention_layernorm"},
-    "opt": {"decoder": "model.decoder", "value_head": "score", "attn": "self_attn", "mlp": None, "o_proj": "out_proj", "up_proj": "fc1",
-            "down_proj": "fc2", "final_norm": "final_layer_norm", "attn_norm": "self_attn_layer_norm",
-            "mlp_norm": "final_layer_norm"},
+    "llama": {
+        "decoder": "model",
+        "value_head": "score",
+        "attn": "self_attn",
+        "final_norm": "norm",
+        "attn_norm": "input_layernorm",
+        "mlp_norm": "post_attention_layernorm",
+    },
+    "opt": {
+        "decoder": "model.decoder",
+        "value_head": "score",
+        "attn": "self_attn",
+        "mlp": None,
+        "o_proj": "out_proj",
+        "up_proj": "fc1",
+        "down_proj": "fc2",
+        "final_norm": "final_layer_norm",
+        "attn_norm": "self_attn_layer_norm",
+        "mlp_norm": "final_layer_norm",
+    },
 }
 _LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 _FAMILY_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "opt": "OPT"}
@@ -100,8 +115,15 @@ def read_hf_config(path: str) -> dict:
         return json.load(f)
 
 
-def load_pretrained(path: str, mesh: Mesh | None = None, rules: Rules = TRAINING_RULES, dtype: str = "float32",
-                    param_dtype: str = "float32", remat: str = "none", model_cls=CausalLM):
+def load_pretrained(
+    path: str,
+    mesh: Mesh | None = None,
+    rules: Rules = TRAINING_RULES,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    remat: str = "none",
+    model_cls=CausalLM,
+):
     """Loads a Hugging Face directory into `model_cls` (CausalLM, or ValueModel for a reward model
     or critic), sharded over `mesh` by `rules` (on one device without a mesh). Raises a one-line
     error naming a missing file, an unsupported model_type, or a missing or mis-shaped tensor,
@@ -136,7 +158,9 @@ def _check_tensors(plan, refs, config: DecoderConfig, path: str):
         name = hf_tensor_name(param_path, config.model_type)
         if param_path in _OPTIONAL and name not in refs:
             continue
-        expected = _hf_shape(shape[1:] if stacked else shape, _kernel_layout(param_path, shape[1:] if stacked else shape))
+        expected = _hf_shape(
+            shape[1:] if stacked else shape, _kernel_layout(param_path, shape[1:] if stacked else shape)
+        )
         for layer in range(config.num_layers) if stacked else [None]:
             tensor = name.format(i=layer)
             if tensor not in refs:
@@ -156,8 +180,12 @@ def _place(param_path, abstract, refs, config: DecoderConfig, sharding):
         if not stacked:
             return np.asarray(_to_ours(refs[name].array(), layout)[index], dtype=abstract.dtype)
         layers = range(config.num_layers)[index[0]]
-        return np.stack([np.asarray(_to_ours(refs[name.format(i=i)].array(), layout)[index[1:]], dtype=abstract.dtype)
-                         for i in layers])
+        return np.stack(
+            [
+                np.asarray(_to_ours(refs[name.format(i=i)].array(), layout)[index[1:]], dtype=abstract.dtype)
+                for i in layers
+            ]
+        )
 
     return jax.make_array_from_callback(abstract.shape, sharding, read_slice)
 
@@ -201,8 +229,9 @@ def save_pretrained(model, path: str, dtype: str | None = None, extra_config: di
     hf_config = config.hf_dict()
     family = _FAMILY_NAMES[config.model_type]
     if isinstance(model, ValueModel):
-        hf_config.update(architectures=[f"{family}ForSequenceClassification"], id2label={"0": "LABEL_0"},
-                         label2id={"LABEL_0": 0})
+        hf_config.update(
+            architectures=[f"{family}ForSequenceClassification"], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}
+        )
     else:
         hf_config.update(architectures=[f"{family}ForCausalLM"])
     hf_config.update(dtype=str(out_dtype), tie_word_embeddings=config.tie_word_embeddings, **(extra_config or {}))

@@ -17,6 +17,7 @@ from flax import nnx
 
 from jaxrlhf.models.config import DecoderConfig
 
+
 class LoraParam(nnx.Param):
     """A low-rank adapter weight: trained when LoRA is on, merged into the kernel on export."""
 
@@ -37,8 +38,18 @@ def make_param(rngs: nnx.Rngs | None, shape, axes, init: str, dtype, stack: int 
 class Dense(nnx.Module):
     """y = x . kernel (+ bias), contracting x's trailing `in_shape` dims; optional LoRA adapter."""
 
-    def __init__(self, in_shape, out_shape, in_axes, out_axes, *, bias: bool, config: DecoderConfig,
-                 rngs: nnx.Rngs, stack: int | None = None):
+    def __init__(
+        self,
+        in_shape,
+        out_shape,
+        in_axes,
+        out_axes,
+        *,
+        bias: bool,
+        config: DecoderConfig,
+        rngs: nnx.Rngs,
+        stack: int | None = None,
+    ):
         dtype = config.weight_dtype
         self.in_ndim = len(in_shape)
         self.kernel = make_param(rngs, (*in_shape, *out_shape), (*in_axes, *out_axes), "normal", dtype, stack)
@@ -59,7 +70,9 @@ class Dense(nnx.Module):
         fan_in = math.prod(self.in_shape)
         a = jax.random.normal(rngs.params(), a_shape, jnp.float32) / math.sqrt(fan_in)
         self.lora_a = LoraParam(a.astype(dtype), axes=(*lead, *self.in_axes, "lora_rank"))
-        self.lora_b = LoraParam(jnp.zeros((*stack, rank, *self.out_shape), dtype), axes=(*lead, "lora_rank", *self.out_axes))
+        self.lora_b = LoraParam(
+            jnp.zeros((*stack, rank, *self.out_shape), dtype), axes=(*lead, "lora_rank", *self.out_axes)
+        )
         self.lora_scale = alpha / rank
 
     def merged_kernel(self):
@@ -91,7 +104,9 @@ class Norm(nnx.Module):
     def __init__(self, dim: int, config: DecoderConfig, rngs: nnx.Rngs | None, stack: int | None = None):
         self.kind, self.eps, self.compute_dtype = config.norm, config.norm_eps, config.compute_dtype
         self.scale = make_param(rngs, (dim,), ("norm",), "ones", config.weight_dtype, stack)
-        self.bias = make_param(rngs, (dim,), ("norm",), "zeros", config.weight_dtype, stack) if config.norm == "layer" else None
+        self.bias = (
+            make_param(rngs, (dim,), ("norm",), "zeros", config.weight_dtype, stack) if config.norm == "layer" else None
+        )
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
@@ -186,8 +201,11 @@ class MLP(nnx.Module):
         self.activation = getattr(jax.nn, config.activation)
 
     def __call__(self, x):
-        hidden = self.activation(self.up_proj(x)) if self.gate_proj is None else (
-            self.activation(self.gate_proj(x)) * self.up_proj(x))
+        hidden = (
+            self.activation(self.up_proj(x))
+            if self.gate_proj is None
+            else (self.activation(self.gate_proj(x)) * self.up_proj(x))
+        )
         return self.down_proj(hidden)
 
 

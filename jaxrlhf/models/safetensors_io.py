@@ -16,8 +16,16 @@ import ml_dtypes
 import numpy as np
 
 DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 
@@ -70,18 +78,25 @@ def index_checkpoint(directory: str) -> dict[str, TensorRef]:
         return refs
     if os.path.exists(single_path):
         return read_header(single_path)
-    raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json "
-                            "(only safetensors checkpoints are supported)")
+    raise FileNotFoundError(
+        f"{directory}: no model.safetensors or model.safetensors.index.json "
+        "(only safetensors checkpoints are supported)"
+    )
 
 
-def write_safetensors(path: str, tensors: list[tuple[str, tuple[int, ...], np.dtype, callable]],
-                      metadata: dict[str, str] | None = None):
+def write_safetensors(
+    path: str, tensors: list[tuple[str, tuple[int, ...], np.dtype, callable]], metadata: dict[str, str] | None = None
+):
     """Writes tensors given as (name, shape, dtype, produce) where produce() returns the array;
     each array is produced only when it is written. Atomic: a tmp file is renamed at the end."""
     header, offset = {}, 0
     for name, shape, dtype, _ in tensors:
         size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": DTYPE_NAMES[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     header["__metadata__"] = metadata or {"format": "pt"}
     encoded = json.dumps(header, separators=(",", ":")).encode()

@@ -27,8 +27,9 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
     if free:
         sizes[free[0]] = len(devices) // fixed
     if math.prod(sizes.values()) != len(devices):
-        raise ValueError(f"mesh {_describe(sizes)} needs {math.prod(sizes.values())} devices, "
-                         f"but {len(devices)} are available")
+        raise ValueError(
+            f"mesh {_describe(sizes)} needs {math.prod(sizes.values())} devices, but {len(devices)} are available"
+        )
     shape = tuple(sizes[name] for name in MESH_AXES)
     if devices == list(jax.devices()):
         # jax.make_mesh orders devices so that the inner axes (tensor) sit on the fastest links.
@@ -43,8 +44,12 @@ def _describe(sizes: dict[str, int]) -> str:
 CLUSTER_ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "JOBSET_NAME")
 
 
-def maybe_initialize_distributed(mode: str = "auto", coordinator_address: str | None = None,
-                                 num_processes: int | None = None, process_id: int | None = None) -> bool:
+def maybe_initialize_distributed(
+    mode: str = "auto",
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
     """Starts JAX's multi-controller runtime when asked, or ("auto") when a cluster launcher is seen.
 
     Must run before anything touches a device. Unset arguments are auto-detected by JAX from
@@ -57,10 +62,16 @@ def maybe_initialize_distributed(mode: str = "auto", coordinator_address: str | 
         return False
     if mode == "auto" and os.environ.get("SLURM_NTASKS", "2") == "1" and coordinator_address is None:
         return False  # a single-task SLURM allocation needs no coordinator
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
-    log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
-             jax.process_count(), jax.local_device_count(), jax.device_count())
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
+    log.info(
+        "jax.distributed: process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True
 
 

@@ -12,11 +12,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxrlhf.models.outputs import next_token_logprobs
+from jaxrlhf.models.outputs import next_token_logprobs, sequence_scores
+from jaxrlhf.rl.ppo_math import gae_advantages, kl_penalty, masked_mean, masked_whiten, reward_span_mask, token_rewards
 from jaxrlhf.rl.roles import RoleGraphs, RoleStates
-from jaxrlhf.rl.ppo_math import (gae_advantages, kl_penalty, masked_mean, masked_whiten, reward_span_mask,
-                              token_rewards)
-from jaxrlhf.models.outputs import sequence_scores
 
 
 @jax.tree_util.register_dataclass
@@ -60,8 +58,9 @@ def answer_action_mask(attention_mask, prompt_len: int):
     return actions * (jnp.arange(actions.shape[1]) >= prompt_len - 1)
 
 
-def make_experience(actor, reference, critic, reward_model, tokens, attention_mask, prompt_len: int, kl_coef,
-                    settings: RewardSettings) -> tuple[Experience, dict]:
+def make_experience(
+    actor, reference, critic, reward_model, tokens, attention_mask, prompt_len: int, kl_coef, settings: RewardSettings
+) -> tuple[Experience, dict]:
     """Scores a batch of rollouts with the four models (NNX modules, merged inside jit)."""
     action_mask = answer_action_mask(attention_mask, prompt_len).astype(jnp.float32)
     answer_lengths = action_mask.sum(-1)
@@ -81,8 +80,14 @@ def make_experience(actor, reference, critic, reward_model, tokens, attention_ma
     # a dropped row has no answer actions, and no score slot either
     span_mask = reward_span_mask(action_mask, score_position=settings.score_position) * kept[:, None]
     kl = kl_penalty(old_logprobs, ref_logprobs, settings.kl_estimator)
-    rewards = token_rewards(kl, scores, action_mask, kl_coef=kl_coef, clip_reward_value=settings.clip_reward_value,
-                            score_position=settings.score_position)
+    rewards = token_rewards(
+        kl,
+        scores,
+        action_mask,
+        kl_coef=kl_coef,
+        clip_reward_value=settings.clip_reward_value,
+        score_position=settings.score_position,
+    )
     advantages, returns = gae_advantages(rewards, old_values, span_mask, gamma=settings.gamma, lam=settings.lam)
     if settings.whiten_advantages:
         advantages = masked_whiten(advantages, action_mask)
@@ -100,9 +105,19 @@ def make_experience(actor, reference, critic, reward_model, tokens, attention_ma
         "value_mean": masked_mean(old_values, action_mask),
         "return_mean": masked_mean(returns, action_mask),
     }
-    experience = Experience(tokens=tokens, attention_mask=attention_mask, action_mask=action_mask, span_mask=span_mask,
-                            old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=old_values,
-                            advantages=advantages, returns=returns, scores=scores, kept=kept)
+    experience = Experience(
+        tokens=tokens,
+        attention_mask=attention_mask,
+        action_mask=action_mask,
+        span_mask=span_mask,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        old_values=old_values,
+        advantages=advantages,
+        returns=returns,
+        scores=scores,
+        kept=kept,
+    )
     return experience, stats
 
 
@@ -111,8 +126,16 @@ def make_experience_fn(graphs: RoleGraphs, settings: RewardSettings, prompt_len:
 
     @jax.jit
     def experience_fn(states: RoleStates, tokens, attention_mask, kl_coef):
-        return make_experience(states.actor.model(graphs.actor), states.reference.model(graphs.reference),
-                               states.critic.model(graphs.critic), states.reward_model.model(graphs.reward_model),
-                               tokens, attention_mask, prompt_len, kl_coef, settings)
+        return make_experience(
+            states.actor.model(graphs.actor),
+            states.reference.model(graphs.reference),
+            states.critic.model(graphs.critic),
+            states.reward_model.model(graphs.reward_model),
+            tokens,
+            attention_mask,
+            prompt_len,
+            kl_coef,
+            settings,
+        )
 
     return experience_fn

@@ -42,8 +42,12 @@ class PPOLoop:
     def role_states(self, state: PPOState) -> RoleStates:
         actor = ModelStates(state.actor.params, state.actor.frozen)
         reference = self.reference or ModelStates(adapters_off(state.actor.params), state.actor.frozen)
-        return RoleStates(actor=actor, reference=reference, critic=ModelStates(state.critic.params, state.critic.frozen),
-                          reward_model=self.reward_model)
+        return RoleStates(
+            actor=actor,
+            reference=reference,
+            critic=ModelStates(state.critic.params, state.critic.frozen),
+            reward_model=self.reward_model,
+        )
 
 
 def run_iteration(loop: PPOLoop, state: PPOState, iteration: int, kl_coef: float) -> tuple[PPOState, dict]:
@@ -52,11 +56,13 @@ def run_iteration(loop: PPOLoop, state: PPOState, iteration: int, kl_coef: float
     key = jax.random.fold_in(loop.key, iteration)
     prompts = loop.device_batch(next(loop.prompts))
     states = loop.role_states(state)
-    rollout, timings = loop.engine.generate((states.actor.params, states.actor.frozen), prompts["prompt_ids"],
-                                            prompts["prompt_mask"], key)
+    rollout, timings = loop.engine.generate(
+        (states.actor.params, states.actor.frozen), prompts["prompt_ids"], prompts["prompt_mask"], key
+    )
     clock = time.perf_counter()
     experience, stats = jax.block_until_ready(
-        loop.experience_fn(states, rollout.tokens, rollout.attention_mask, jnp.float32(kl_coef)))
+        loop.experience_fn(states, rollout.tokens, rollout.attention_mask, jnp.float32(kl_coef))
+    )
     experience_s = time.perf_counter() - clock
     ptx = None
     if loop.ptx_rows is not None:  # one pretraining batch per minibatch
@@ -66,13 +72,31 @@ def run_iteration(loop: PPOLoop, state: PPOState, iteration: int, kl_coef: float
     state, metrics = jax.block_until_ready(loop.update_fn(state, experience, ptx, jax.random.fold_in(key, 1)))
     train_s = time.perf_counter() - clock
     stats = {k: float(v) for k, v in jax.device_get({**stats, **metrics}).items()}
-    stats.update(iteration_timings(timings, experience_s, train_s, rollout.tokens, rollout.attention_mask,
-                                   loop.prompt_len, loop.sizes, loop.ppo_epochs))
+    stats.update(
+        iteration_timings(
+            timings,
+            experience_s,
+            train_s,
+            rollout.tokens,
+            rollout.attention_mask,
+            loop.prompt_len,
+            loop.sizes,
+            loop.ppo_epochs,
+        )
+    )
     return state, stats
 
 
-def iteration_timings(timings: GenerationTimings, experience_s: float, train_s: float, tokens, attention_mask,
-                      prompt_len: int, sizes: dict[str, int], ppo_epochs: int) -> dict[str, float]:
+def iteration_timings(
+    timings: GenerationTimings,
+    experience_s: float,
+    train_s: float,
+    tokens,
+    attention_mask,
+    prompt_len: int,
+    sizes: dict[str, int],
+    ppo_epochs: int,
+) -> dict[str, float]:
     """Seconds per phase, samples/s and TFLOP/s per phase, as DeepSpeed-Chat reports them."""
     batch, total_len = tokens.shape
     generated = float(jnp.sum(attention_mask[:, prompt_len:]))
@@ -82,8 +106,11 @@ def iteration_timings(timings: GenerationTimings, experience_s: float, train_s: 
     train_flops = 6 * (actor + critic) * batch * total_len * ppo_epochs
     end_to_end = timings.reshard_s + timings.generate_s + experience_s + train_s
     return {
-        "time/reshard_s": timings.reshard_s, "time/generation_s": timings.generate_s,
-        "time/experience_s": experience_s, "time/train_s": train_s, "time/iteration_s": end_to_end,
+        "time/reshard_s": timings.reshard_s,
+        "time/generation_s": timings.generate_s,
+        "time/experience_s": experience_s,
+        "time/train_s": train_s,
+        "time/iteration_s": end_to_end,
         "samples_per_s": batch / end_to_end,
         "tflops/generation": generation_flops / max(timings.generate_s, 1e-9) / 1e12,
         "tflops/train": train_flops / max(train_s, 1e-9) / 1e12,
@@ -93,8 +120,10 @@ def iteration_timings(timings: GenerationTimings, experience_s: float, train_s: 
 
 def merged_models(graphs, state: PPOState) -> dict[str, nnx.Module]:
     """The trained roles as modules: the actor, the EMA actor (if any) and the critic."""
-    models = {"actor": nnx.merge(graphs.actor, state.actor.params, state.actor.frozen),
-              "critic": nnx.merge(graphs.critic, state.critic.params, state.critic.frozen)}
+    models = {
+        "actor": nnx.merge(graphs.actor, state.actor.params, state.actor.frozen),
+        "critic": nnx.merge(graphs.critic, state.critic.params, state.critic.frozen),
+    }
     if state.ema is not None:
         models["actor_ema"] = nnx.merge(graphs.actor, state.ema, state.actor.frozen)
     return models

@@ -83,15 +83,22 @@ def run_ppo(ctx: RunContext, hooks: TaskHooks = TaskHooks()) -> dict[str, float]
             state, stats = run_iteration(run.loop, state, iteration, kl_coef)
         stats["compiles"] = compiles.count  # 0 after the first iteration: nothing recompiles
         if ppo.adaptive_kl:
-            kl_coef = float(adaptive_kl_update(kl_coef, stats["kl"], ppo.prompts_per_iteration, target=ppo.kl_target,
-                                               horizon=ppo.kl_horizon))
+            kl_coef = float(
+                adaptive_kl_update(
+                    kl_coef, stats["kl"], ppo.prompts_per_iteration, target=ppo.kl_target, horizon=ppo.kl_horizon
+                )
+            )
         bar.update(1)
         done = iteration + 1
         if done % ctx.config.log_every == 0 or done == ppo.num_iterations or iteration == start:
             ctx.logger.log(done, stats, prefix="ppo")
-        metadata = {"iteration": done, "kl_coef": kl_coef, "sft_eval": sft_eval,
-                    "position": dataclasses.asdict(run.loop.prompts.position),
-                    "ptx_position": dataclasses.asdict(run.loop.ptx_rows.position) if run.loop.ptx_rows else None}
+        metadata = {
+            "iteration": done,
+            "kl_coef": kl_coef,
+            "sft_eval": sft_eval,
+            "position": dataclasses.asdict(run.loop.prompts.position),
+            "ptx_position": dataclasses.asdict(run.loop.ptx_rows.position) if run.loop.ptx_rows else None,
+        }
         if checkpointer.save(done, state.checkpoint_tree(), metadata, force=done == ppo.num_iterations):
             maybe_kill_after_checkpoint(done)
     bar.close()
@@ -112,66 +119,111 @@ def prepare_run(ctx: RunContext, hooks: TaskHooks) -> tuple[PPORun, PPOState]:
     critic_path = ctx.model_path(ppo.critic_model.path, previous_step="rm")
     tokenizer = load_tokenizer(actor_path)
     data = ctx.step_data("ppo")
-    train_prompts, _ = tokenize_prompts(data.train, tokenizer, ppo.max_prompt_seq_len, ppo.long_prompt,
-                                        cache_dir=ctx.cache_dir)
+    train_prompts, _ = tokenize_prompts(
+        data.train, tokenizer, ppo.max_prompt_seq_len, ppo.long_prompt, cache_dir=ctx.cache_dir
+    )
     eval_prompts, eval_texts = held_out_prompts(ctx, data.eval, tokenizer)
-    print(f"[ppo] {len(train_prompts['prompt_ids'])} train prompts, {len(eval_texts)} eval prompts; {data.report}",
-          flush=True)
+    print(
+        f"[ppo] {len(train_prompts['prompt_ids'])} train prompts, {len(eval_texts)} eval prompts; {data.report}",
+        flush=True,
+    )
 
     actor = load_model(ctx, actor_path, ppo.actor_model, ppo.actor_lora)
     reference = None if ppo.actor_lora.rank > 0 else load_model(ctx, actor_path, ppo.actor_model)
     critic = load_model(ctx, critic_path, ppo.critic_model, ppo.critic_lora, value_head=True)
     reward_model = load_model(ctx, critic_path, ppo.critic_model, value_head=True)
-    graphs = RoleGraphs(actor=actor.graphdef, reference=(reference or actor).graphdef, critic=critic.graphdef,
-                        reward_model=reward_model.graphdef)
+    graphs = RoleGraphs(
+        actor=actor.graphdef,
+        reference=(reference or actor).graphdef,
+        critic=critic.graphdef,
+        reward_model=reward_model.graphdef,
+    )
     sizes = {"actor": count_params(actor.states), "critic": count_params(critic.states)}
-
     updates_total = max(ppo.num_iterations * ppo.ppo_epochs * ppo.num_minibatches, 1)
     actor_optimizer = make_optimizer(ppo.actor_optimizer, updates_total)
     critic_optimizer = make_optimizer(ppo.critic_optimizer, updates_total)
     ema = jax.tree.map(jnp.copy, actor.states.params) if ppo.ema_decay > 0 else None
-    state = PPOState(init_train_state(actor.states.params, actor.states.frozen, actor_optimizer),
-                     init_train_state(critic.states.params, critic.states.frozen, critic_optimizer), ema)
+    state = PPOState(
+        init_train_state(actor.states.params, actor.states.frozen, actor_optimizer),
+        init_train_state(critic.states.params, critic.states.frozen, critic_optimizer),
+        ema,
+    )
     del actor.states, critic.states  # donated into the train state
 
-    settings = SamplingSettings(eos_id=tokenizer.eos_token_id, pad_id=pad_token_id(tokenizer),
-                                max_new_tokens=ppo.max_answer_seq_len, min_new_tokens=config.generation.min_new_tokens,
-                                temperature=config.generation.temperature, top_k=config.generation.top_k,
-                                top_p=config.generation.top_p, greedy=config.generation.greedy,
-                                attention=config.generation.attention)
-    engine = HybridEngine(graphs.actor, (state.actor.params, state.actor.frozen), ctx.mesh,
-                          config.generation.tensor_parallel, settings)
+    engine = HybridEngine(
+        graphs.actor,
+        (state.actor.params, state.actor.frozen),
+        ctx.mesh,
+        config.generation.tensor_parallel,
+        sampling_settings(config, tokenizer),
+        ctx.generation_rules,
+    )
     loop = PPOLoop(
         engine=engine,
         experience_fn=make_experience_fn(graphs, RewardSettings.from_config(ppo), ppo.max_prompt_seq_len),
-        update_fn=make_ppo_update(graphs.actor, graphs.critic, actor_optimizer, critic_optimizer,
-                                  UpdateSettings.from_config(ppo)),
-        reference=None if reference is None else reference.states, reward_model=reward_model.states,
+        update_fn=make_ppo_update(
+            graphs.actor, graphs.critic, actor_optimizer, critic_optimizer, UpdateSettings.from_config(ppo)
+        ),
+        reference=None if reference is None else reference.states,
+        reward_model=reward_model.states,
         prompts=batch_iterator(train_prompts, ppo.prompts_per_iteration, seed=config.data.seed + 3),
-        ptx_rows=pretraining_rows(ctx, data.train, tokenizer, hooks), device_batch=ctx.device_batch,
-        key=jax.random.key(config.seed), num_minibatches=ppo.num_minibatches, ppo_epochs=ppo.ppo_epochs,
-        prompt_len=ppo.max_prompt_seq_len, sizes=sizes)
-    run = PPORun(loop=loop, graphs=graphs, tokenizer=tokenizer, actor_path=actor_path, critic_path=critic_path,
-                 eval_prompts=eval_prompts, eval_texts=eval_texts, hooks=hooks)
+        ptx_rows=pretraining_rows(ctx, data.train, tokenizer, hooks),
+        device_batch=ctx.device_batch,
+        key=jax.random.key(config.seed),
+        num_minibatches=ppo.num_minibatches,
+        ppo_epochs=ppo.ppo_epochs,
+        prompt_len=ppo.max_prompt_seq_len,
+        sizes=sizes,
+    )
+    run = PPORun(
+        loop=loop,
+        graphs=graphs,
+        tokenizer=tokenizer,
+        actor_path=actor_path,
+        critic_path=critic_path,
+        eval_prompts=eval_prompts,
+        eval_texts=eval_texts,
+        hooks=hooks,
+    )
     return run, state
 
 
+def sampling_settings(config, tokenizer) -> SamplingSettings:
+    """Rollout sampling from the run's generation section; answers up to ppo.max_answer_seq_len."""
+    generation = config.generation
+    return SamplingSettings(
+        eos_id=tokenizer.eos_token_id,
+        pad_id=pad_token_id(tokenizer),
+        max_new_tokens=config.ppo.max_answer_seq_len,
+        min_new_tokens=generation.min_new_tokens,
+        temperature=generation.temperature,
+        top_k=generation.top_k,
+        top_p=generation.top_p,
+        greedy=generation.greedy,
+        attention=generation.attention,
+    )
+
+
 def batch_iterator(arrays: dict[str, np.ndarray], batch_size: int, seed: int) -> BatchIterator:
-    return BatchIterator(arrays, batch_size, seed=seed, process_index=jax.process_index(),
-                         process_count=jax.process_count())
+    return BatchIterator(
+        arrays, batch_size, seed=seed, process_index=jax.process_index(), process_count=jax.process_count()
+    )
 
 
 def held_out_prompts(ctx: RunContext, records, tokenizer) -> tuple[dict[str, np.ndarray], list[str]]:
     """This process's rows of the evaluation prompts (a multiple of the data-parallel size), and all their texts."""
     ppo = ctx.config.ppo
-    arrays, kept = tokenize_prompts(records, tokenizer, ppo.max_prompt_seq_len, ppo.long_prompt,
-                                    cache_dir=ctx.cache_dir)
+    arrays, kept = tokenize_prompts(
+        records, tokenizer, ppo.max_prompt_seq_len, ppo.long_prompt, cache_dir=ctx.cache_dir
+    )
     replicas = ctx.mesh.shape["data"] * ctx.mesh.shape["fsdp"]
     count = min(ppo.eval_prompts, len(kept)) // replicas * replicas
     rows = count // jax.process_count()  # each process feeds its own rows of the global eval batch
     mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
-    return ({name: arrays[name][:count][mine] for name in ("prompt_ids", "prompt_mask")},
-            [records[int(i)].prompt for i in kept[:count]])
+    return (
+        {name: arrays[name][:count][mine] for name in ("prompt_ids", "prompt_mask")},
+        [records[int(i)].prompt for i in kept[:count]],
+    )
 
 
 def pretraining_rows(ctx: RunContext, records, tokenizer, hooks: TaskHooks) -> BatchIterator | None:
@@ -183,8 +235,9 @@ def pretraining_rows(ctx: RunContext, records, tokenizer, hooks: TaskHooks) -> B
         texts = hooks.pretraining_texts(4 * ppo.prompts_per_iteration * 8, config.data.seed)
     else:
         texts = [record.prompt + record.chosen for record in records]
-    rows = tokenize_pretraining(texts, tokenizer, ppo.max_prompt_seq_len + ppo.max_answer_seq_len,
-                                cache_dir=ctx.cache_dir)
+    rows = tokenize_pretraining(
+        texts, tokenizer, ppo.max_prompt_seq_len + ppo.max_answer_seq_len, cache_dir=ctx.cache_dir
+    )
     return batch_iterator(rows, ppo.prompts_per_iteration, seed=config.data.seed + 4)
 
 
@@ -195,11 +248,18 @@ def evaluate_policy(run: PPORun, state: PPOState, with_actor: bool) -> dict:
     states = loop.role_states(state)
     policy = states.actor if with_actor else states.reference
     prompts = loop.device_batch(run.eval_prompts)
-    out, _ = loop.engine.generate((policy.params, policy.frozen), prompts["prompt_ids"], prompts["prompt_mask"],
-                                  jax.random.fold_in(loop.key, 10**6))
+    out, _ = loop.engine.generate(
+        (policy.params, policy.frozen),
+        prompts["prompt_ids"],
+        prompts["prompt_mask"],
+        jax.random.fold_in(loop.key, 10**6),
+    )
     _, stats = loop.experience_fn(states, out.tokens, out.attention_mask, 0.0)
-    result = {"rm_score": float(stats["score"]), "kl_to_sft": float(stats["kl"]) if with_actor else 0.0,
-              "answer_length": float(stats["answer_length"])}
+    result = {
+        "rm_score": float(stats["score"]),
+        "kl_to_sft": float(stats["kl"]) if with_actor else 0.0,
+        "answer_length": float(stats["answer_length"]),
+    }
     if run.hooks.gold_reward is not None:
         answers = decode_answers(run.tokenizer, to_host(out.tokens), to_host(out.attention_mask), loop.prompt_len)
         gold = [run.hooks.gold_reward(prompt, answer) for prompt, answer in zip(run.eval_texts, answers)]
@@ -214,19 +274,34 @@ def export_roles(ctx: RunContext, run: PPORun, state: PPOState) -> None:
     sources = {"actor": run.actor_path, "actor_ema": run.actor_path, "critic": run.critic_path}
     for role, model in merged_models(run.graphs, state).items():
         export_model(model, ctx.step_dir("ppo", role), sources[role])
-    export_model(run.loop.reward_model.model(run.graphs.reward_model), ctx.step_dir("ppo", "reward_model"),
-                 run.critic_path)
+    export_model(
+        run.loop.reward_model.model(run.graphs.reward_model), ctx.step_dir("ppo", "reward_model"), run.critic_path
+    )
     if jax.process_index() == 0:
-        plot_metrics(f"{ctx.output_dir}/metrics.jsonl", "ppo",
-                     ["score", "kl", "actor_loss", "critic_loss", "clipfrac", "entropy"], f"{ctx.output_dir}/ppo/ppo.png")
+        plot_metrics(
+            f"{ctx.output_dir}/metrics.jsonl",
+            "ppo",
+            ["score", "kl", "actor_loss", "critic_loss", "clipfrac", "entropy"],
+            f"{ctx.output_dir}/ppo/ppo.png",
+        )
 
 
 def summary_values(sft_eval: dict, ppo_eval: dict) -> dict[str, float]:
-    summary = {"ppo.rm_score_sft": sft_eval["rm_score"], "ppo.rm_score_ppo": ppo_eval["rm_score"],
-               "ppo.kl_to_sft": ppo_eval["kl_to_sft"], "ppo.answer_length_ppo": ppo_eval["answer_length"]}
+    summary = {
+        "ppo.rm_score_sft": sft_eval["rm_score"],
+        "ppo.rm_score_ppo": ppo_eval["rm_score"],
+        "ppo.kl_to_sft": ppo_eval["kl_to_sft"],
+        "ppo.answer_length_ppo": ppo_eval["answer_length"],
+    }
     if "gold" in ppo_eval:
-        summary.update({"ppo.gold_reward_sft": sft_eval["gold"], "ppo.gold_reward_sft_se": sft_eval["gold_se"],
-                        "ppo.gold_reward_ppo": ppo_eval["gold"], "ppo.gold_reward_ppo_se": ppo_eval["gold_se"]})
+        summary.update(
+            {
+                "ppo.gold_reward_sft": sft_eval["gold"],
+                "ppo.gold_reward_sft_se": sft_eval["gold_se"],
+                "ppo.gold_reward_ppo": ppo_eval["gold"],
+                "ppo.gold_reward_ppo_se": ppo_eval["gold_se"],
+            }
+        )
     return summary
 
 

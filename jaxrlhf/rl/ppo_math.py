@@ -30,6 +30,7 @@ from jaxrlhf.models.outputs import last_token_index
 KL_ESTIMATORS = ("k1", "k2", "k3")
 SCORE_POSITIONS = ("last_token", "after_last")
 
+
 def masked_mean(x, mask, axis=None):
     """Mean of `x` over entries where mask is 1: sum(x * mask) / sum(mask).
 

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrlhf.models import CausalLM, ValueModel, load_pretrained
-from jaxrlhf.parallel.rules import TRAINING_RULES
 from jaxrlhf.train_state import split_for_training
 
 
@@ -57,9 +56,15 @@ class LoadedModel:
 
 def load_model(ctx, path: str, model_config, lora=None, value_head: bool = False) -> LoadedModel:
     """Loads a HF directory in the training (FSDP) layout, with adapters if `lora` has a rank."""
-    model = load_pretrained(path, mesh=ctx.mesh, rules=TRAINING_RULES, dtype=model_config.dtype,
-                            param_dtype=model_config.param_dtype, remat=model_config.remat,
-                            model_cls=ValueModel if value_head else CausalLM)
+    model = load_pretrained(
+        path,
+        mesh=ctx.mesh,
+        rules=ctx.rules,
+        dtype=model_config.dtype,
+        param_dtype=model_config.param_dtype,
+        remat=model_config.remat,
+        model_cls=ValueModel if value_head else CausalLM,
+    )
     if lora is not None:
         ctx.add_lora(model, lora)
     graphdef, params, frozen = split_for_training(model, lora.rank if lora is not None else 0)
@@ -69,6 +74,8 @@ def load_model(ctx, path: str, model_config, lora=None, value_head: bool = False
 def adapters_off(params: nnx.State) -> nnx.State:
     """The actor's trainable state with every LoRA B set to zero: exactly the frozen base model,
     which serves as the reference policy without a second copy of the weights."""
-    flat = [(path, v.replace(value=jnp.zeros_like(v.get_value())) if path[-1] == "lora_b" else v)
-            for path, v in nnx.to_flat_state(params)]
+    flat = [
+        (path, v.replace(value=jnp.zeros_like(v.get_value())) if path[-1] == "lora_b" else v)
+        for path, v in nnx.to_flat_state(params)
+    ]
     return nnx.from_flat_state(flat)

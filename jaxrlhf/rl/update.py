@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxrlhf.rl.experience import Experience
 from jaxrlhf.models.outputs import next_token_logprobs
-from jaxrlhf.steps.losses import language_model_loss
+from jaxrlhf.rl.experience import Experience
 from jaxrlhf.rl.ppo_math import actor_loss, entropy_from_logits, value_loss
+from jaxrlhf.steps.losses import language_model_loss
 from jaxrlhf.train_state import TrainState, accumulate_gradients, global_norm
 
 
@@ -63,9 +63,14 @@ def actor_objective(settings: UpdateSettings):
         experience: Experience = batch["experience"]
         logits = model(experience.tokens, experience.attention_mask)
         logprobs = next_token_logprobs(logits, experience.tokens)
-        surrogate, stats = actor_loss(logprobs, experience.old_logprobs, experience.advantages,
-                                      experience.action_mask, cliprange=settings.cliprange,
-                                      dual_clip=settings.dual_clip)
+        surrogate, stats = actor_loss(
+            logprobs,
+            experience.old_logprobs,
+            experience.advantages,
+            experience.action_mask,
+            cliprange=settings.cliprange,
+            dual_clip=settings.dual_clip,
+        )
         loss = surrogate
         if settings.entropy_coef:
             entropy = entropy_from_logits(logits[:, :-1], experience.action_mask)
@@ -87,8 +92,13 @@ def critic_objective(settings: UpdateSettings):
         experience: Experience = batch["experience"]
         values = model(experience.tokens, experience.attention_mask)[:, :-1]
         # over the answer's actions, as DeepSpeed-Chat: never the extra "after_last" score slot
-        loss, stats = value_loss(values, experience.old_values, experience.returns, experience.action_mask,
-                                 cliprange_value=settings.cliprange_value)
+        loss, stats = value_loss(
+            values,
+            experience.old_values,
+            experience.returns,
+            experience.action_mask,
+            cliprange_value=settings.cliprange_value,
+        )
         return loss, {"critic_loss": loss, **stats}
 
     return loss_fn
@@ -101,18 +111,24 @@ def make_ppo_update(actor_graphdef, critic_graphdef, actor_optimizer, critic_opt
     accumulate = settings.grad_accum_steps
 
     def minibatch_step(state: PPOState, batch):
-        _, actor_grads, actor_metrics = accumulate_gradients(actor_loss_fn, actor_graphdef, state.actor.params,
-                                                             state.actor.frozen, batch, accumulate)
-        _, critic_grads, critic_metrics = accumulate_gradients(critic_loss_fn, critic_graphdef, state.critic.params,
-                                                               state.critic.frozen, batch, accumulate)
+        _, actor_grads, actor_metrics = accumulate_gradients(
+            actor_loss_fn, actor_graphdef, state.actor.params, state.actor.frozen, batch, accumulate
+        )
+        _, critic_grads, critic_metrics = accumulate_gradients(
+            critic_loss_fn, critic_graphdef, state.critic.params, state.critic.frozen, batch, accumulate
+        )
         actor = state.actor.apply_gradients(actor_grads, actor_optimizer)
         critic = state.critic.apply_gradients(critic_grads, critic_optimizer)
         ema = state.ema
         if ema is not None:
             decay = settings.ema_decay
             ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p.astype(e.dtype), ema, actor.params)
-        metrics = {**actor_metrics, **critic_metrics, "actor_grad_norm": global_norm(actor_grads),
-                   "critic_grad_norm": global_norm(critic_grads)}
+        metrics = {
+            **actor_metrics,
+            **critic_metrics,
+            "actor_grad_norm": global_norm(actor_grads),
+            "critic_grad_norm": global_norm(critic_grads),
+        }
         return PPOState(actor, critic, ema), metrics
 
     def epoch(state: PPOState, inputs):

@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
 from flax import nnx
 
-from jaxrlhf.data.batches import BatchIterator, BatchPosition
-from jaxrlhf.metrics import progress
 from jaxrlhf.checkpoint import maybe_kill_after_checkpoint
-from jaxrlhf.metrics import count_params, throughput, training_flops_per_token
+from jaxrlhf.data.batches import BatchIterator, BatchPosition
+from jaxrlhf.metrics import count_params, progress, throughput, training_flops_per_token
 from jaxrlhf.run_context import RunContext
-from jaxrlhf.train_state import (LossFn, init_train_state, learning_rate_schedule, make_eval_step, make_optimizer,
-                              make_train_step, split_for_training)
+from jaxrlhf.train_state import (
+    LossFn,
+    init_train_state,
+    learning_rate_schedule,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+    split_for_training,
+)
 
 
 @dataclasses.dataclass
@@ -39,16 +45,18 @@ def total_steps(stage, rows: int) -> int:
     return stage.max_steps if stage.max_steps > 0 else stage.num_epochs * (rows // stage.batch_size)
 
 
-def evaluate(ctx: RunContext, eval_step, params, frozen, arrays: dict[str, np.ndarray], batch_size: int,
-             max_batches: int) -> dict[str, float]:
+def evaluate(
+    ctx: RunContext, eval_step, params, frozen, arrays: dict[str, np.ndarray], batch_size: int, max_batches: int
+) -> dict[str, float]:
     """Mean metrics over the first `max_batches` full batches of the eval set, in order."""
     rows = len(next(iter(arrays.values())))
     replicas = ctx.mesh.shape["data"] * ctx.mesh.shape["fsdp"]
     batch_size = min(batch_size, rows - rows % replicas)
     if batch_size <= 0:
         raise ValueError(f"the eval set has {rows} rows, fewer than the {replicas} data-parallel devices")
-    iterator = BatchIterator(arrays, batch_size, seed=0, shuffle=False, process_index=jax.process_index(),
-                             process_count=jax.process_count())
+    iterator = BatchIterator(
+        arrays, batch_size, seed=0, shuffle=False, process_index=jax.process_index(), process_count=jax.process_count()
+    )
     totals: dict[str, float] = {}
     batches = min(max_batches, iterator.batches_per_epoch)
     for _ in range(batches):
@@ -71,12 +79,18 @@ def train_supervised(ctx: RunContext, job: SupervisedJob, model: nnx.Module):
     state = init_train_state(params, frozen, optimizer)
     train_step = make_train_step(graphdef, job.loss_fn, optimizer, stage.grad_accum_steps)
     eval_step = make_eval_step(graphdef, job.loss_fn)
-    iterator = BatchIterator(job.train_arrays, stage.batch_size, seed=job.data_seed,
-                             process_index=jax.process_index(), process_count=jax.process_count())
+    iterator = BatchIterator(
+        job.train_arrays,
+        stage.batch_size,
+        seed=job.data_seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     checkpointer, latest = ctx.open_checkpoints(job.name)
 
-    evaluate_now = lambda: evaluate(ctx, eval_step, state.params, state.frozen, job.eval_arrays,
-                                    stage.batch_size, stage.eval_batches)
+    evaluate_now = lambda: evaluate(
+        ctx, eval_step, state.params, state.frozen, job.eval_arrays, stage.batch_size, stage.eval_batches
+    )
     start = 0
     if latest is not None:
         restored, metadata = checkpointer.restore(state.checkpoint_tree())
@@ -87,8 +101,12 @@ def train_supervised(ctx: RunContext, job: SupervisedJob, model: nnx.Module):
     else:
         first_eval = evaluate_now()  # before any training: kept in every checkpoint for the summary
     ctx.logger.log(start, first_eval, prefix=f"{job.name}/eval")
-    flops_per_token = training_flops_per_token(count_params(state.params) + count_params(state.frozen),
-                                               model_config.num_layers, model_config.hidden_size, stage.max_seq_len)
+    flops_per_token = training_flops_per_token(
+        count_params(state.params) + count_params(state.frozen),
+        model_config.num_layers,
+        model_config.hidden_size,
+        stage.max_seq_len,
+    )
     tokens, clock = 0, time.perf_counter()
     bar = progress(steps - start, f"{job.name}")
     for step in range(start, steps):
@@ -114,4 +132,3 @@ def train_supervised(ctx: RunContext, job: SupervisedJob, model: nnx.Module):
     ctx.logger.log(steps, last_eval, prefix=f"{job.name}/eval")
     checkpointer.close()
     return nnx.merge(graphdef, state.params, state.frozen), first_eval, last_eval
-

@@ -5,13 +5,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxrlhf.data.tokenize import tokenize_pairs
-from jaxrlhf.models import export_model
-from jaxrlhf.models import ValueModel, load_pretrained, load_tokenizer
-from jaxrlhf.parallel.rules import TRAINING_RULES
+from jaxrlhf.models import ValueModel, export_model, load_pretrained, load_tokenizer
 from jaxrlhf.models.outputs import sequence_scores
-from jaxrlhf.steps.losses import pairwise_accuracy, pairwise_loss_deepspeed_chat, pairwise_loss_final_token
 from jaxrlhf.run_context import RunContext
 from jaxrlhf.steps.loop import SupervisedJob, train_supervised
+from jaxrlhf.steps.losses import pairwise_accuracy, pairwise_loss_deepspeed_chat, pairwise_loss_final_token
 
 
 def pair_values(model, batch):
@@ -31,14 +29,23 @@ def make_reward_loss(kind: str, centering_coef: float):
         chosen_values, rejected_values = pair_values(model, batch)
         if kind == "deepspeed_chat":
             loss, chosen, rejected = pairwise_loss_deepspeed_chat(
-                chosen_values, rejected_values, batch["chosen_ids"], batch["rejected_ids"], batch["chosen_mask"],
-                batch["rejected_mask"])
+                chosen_values,
+                rejected_values,
+                batch["chosen_ids"],
+                batch["rejected_ids"],
+                batch["chosen_mask"],
+                batch["rejected_mask"],
+            )
         else:
             chosen = sequence_scores(chosen_values, batch["chosen_mask"])
             rejected = sequence_scores(rejected_values, batch["rejected_mask"])
             loss = pairwise_loss_final_token(chosen, rejected, centering_coef=centering_coef)
-        return loss, {"accuracy": pairwise_accuracy(chosen, rejected), "chosen_mean": chosen.mean(),
-                      "rejected_mean": rejected.mean(), "margin": (chosen - rejected).mean()}
+        return loss, {
+            "accuracy": pairwise_accuracy(chosen, rejected),
+            "chosen_mean": chosen.mean(),
+            "rejected_mean": rejected.mean(),
+            "margin": (chosen - rejected).mean(),
+        }
 
     return loss_fn
 
@@ -51,14 +58,31 @@ def run_reward_model(ctx: RunContext) -> dict[str, float]:
     data = ctx.step_data("rm")
     print(f"[rm] {len(data.train)} train / {len(data.eval)} eval pairs; {data.report}", flush=True)
     tokenized = lambda records: tokenize_pairs(records, tokenizer, stage.max_seq_len, cache_dir=ctx.cache_dir)
-    model = load_pretrained(model_path, mesh=ctx.mesh, rules=TRAINING_RULES, dtype=stage.model.dtype,
-                            param_dtype=stage.model.param_dtype, remat=stage.model.remat, model_cls=ValueModel)
+    model = load_pretrained(
+        model_path,
+        mesh=ctx.mesh,
+        rules=ctx.rules,
+        dtype=stage.model.dtype,
+        param_dtype=stage.model.param_dtype,
+        remat=stage.model.remat,
+        model_cls=ValueModel,
+    )
     count = lambda rows: int(rows["chosen_mask"].sum() + rows["rejected_mask"].sum())
-    job = SupervisedJob(name="rm", stage=stage, loss_fn=make_reward_loss(stage.loss, stage.centering_coef),
-                        train_arrays=tokenized(data.train), eval_arrays=tokenized(data.eval), count_tokens=count,
-                        data_seed=config.data.seed + 2)
+    job = SupervisedJob(
+        name="rm",
+        stage=stage,
+        loss_fn=make_reward_loss(stage.loss, stage.centering_coef),
+        train_arrays=tokenized(data.train),
+        eval_arrays=tokenized(data.eval),
+        count_tokens=count,
+        data_seed=config.data.seed + 2,
+    )
     model, first, last = train_supervised(ctx, job, model)
     export_model(model, ctx.step_dir("rm", "model"), model_path)
-    return {"rm.eval_accuracy_start": first["accuracy"], "rm.eval_accuracy": last["accuracy"],
-            "rm.chosen_mean": last["chosen_mean"], "rm.rejected_mean": last["rejected_mean"],
-            "rm.eval_margin": last["margin"]}
+    return {
+        "rm.eval_accuracy_start": first["accuracy"],
+        "rm.eval_accuracy": last["accuracy"],
+        "rm.chosen_mean": last["chosen_mean"],
+        "rm.rejected_mean": last["rejected_mean"],
+        "rm.eval_margin": last["margin"],
+    }

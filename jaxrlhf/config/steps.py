@@ -1,0 +1,177 @@
+"""The config of each step: SFT and the reward model (on one shared base), generation, PPO."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from jaxrlhf.config.checks import at_least, require
+from jaxrlhf.config.presets import PRESETS
+from jaxrlhf.config.sections import PREVIOUS_STAGE, LoRAConfig, ModelConfig, OptimizerConfig, require_master_weights
+
+
+@dataclass
+class SupervisedStepConfig:
+    """What steps 1 and 2 share: the model, its optimizer and adapters, the batch and the loop."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    batch_size: int = 32  # sequences (SFT) or pairs (RM) per optimizer step, over all devices
+    grad_accum_steps: int = 1  # micro-batches per optimizer step; must divide batch_size
+    max_seq_len: int = 48
+    max_steps: int = 400  # optimizer steps; when > 0 it wins over num_epochs
+    num_epochs: int = 1  # used only when max_steps == 0
+    eval_every: int = 100  # optimizer steps between evaluations; 0 = none during training
+    eval_batches: int = 8
+
+    def validate(self, key: str) -> None:
+        self.model.validate(f"{key}.model")
+        self.optimizer.validate(f"{key}.optimizer")
+        self.lora.validate(f"{key}.lora")
+        at_least(self, key, 1, "batch_size", "grad_accum_steps", "num_epochs", "eval_batches")
+        at_least(self, key, 2, "max_seq_len")
+        at_least(self, key, 0, "max_steps", "eval_every")
+        require_master_weights(self.model, self.lora, f"{key}.model")
+        require(
+            self.batch_size % self.grad_accum_steps == 0,
+            f"{key}.grad_accum_steps",
+            f"{self.grad_accum_steps} does not divide batch_size={self.batch_size}",
+        )
+
+
+@dataclass
+class SFTConfig(SupervisedStepConfig):
+    """Step 1: supervised fine-tuning on prompt + chosen response."""
+
+    loss_on: Literal["response", "all"] = "response"  # which tokens the language-model loss covers
+    packing: bool = False  # concatenate examples into full-length rows
+
+    def validate(self, key: str) -> None:
+        require(
+            self.model.path != PREVIOUS_STAGE,
+            f"{key}.model.path",
+            "must be a model directory or 'builtin' (SFT has no earlier step to start from)",
+        )
+        super().validate(key)
+
+
+@dataclass
+class RMConfig(SupervisedStepConfig):
+    """Step 2: a reward model trained on (chosen, rejected) pairs."""
+
+    # Model path "" = this run's SFT output (the built-in model when the run has no SFT step).
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(path=PREVIOUS_STAGE))
+    max_steps: int = 300
+    loss: Literal["final_token", "deepspeed_chat"] = "final_token"  # score at the last token / over the divergent span
+    centering_coef: float = 0.0  # weight of a mean(reward^2) penalty that keeps rewards near 0
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
+        at_least(self, key, 0, "centering_coef")
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling for PPO rollouts and evaluation."""
+
+    min_new_tokens: int = 0  # end-of-sequence is suppressed until this many tokens are out
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # nucleus sampling; 1.0 = off
+    greedy: bool = False  # argmax decoding; ignores temperature, top_k and top_p
+    tensor_parallel: int = 1  # tensor-parallel degree of the rollout copy of the actor
+    # Decode-step attention: XLA, the Mosaic GPU kernel (bf16), or auto (the reference until a GPU
+    # benchmark shows the kernel faster).
+    attention: Literal["auto", "reference", "pallas"] = "auto"
+
+    def validate(self, key: str) -> None:
+        at_least(self, key, 1, "tensor_parallel")
+        at_least(self, key, 0, "min_new_tokens", "top_k")
+
+        require(self.temperature > 0, f"{key}.temperature", f"must be > 0, got {self.temperature}")
+        require(0 < self.top_p <= 1, f"{key}.top_p", f"must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class PPOConfig:
+    """Step 3: PPO of the actor (from SFT) against the reward model, with a critic (from RM)."""
+
+    # Model paths "" mean this run's outputs: the actor (and the frozen reference) start from SFT,
+    # the critic (and the frozen reward model) from RM.
+    actor_model: ModelConfig = field(default_factory=lambda: ModelConfig(path=PREVIOUS_STAGE))
+    critic_model: ModelConfig = field(default_factory=lambda: ModelConfig(path=PREVIOUS_STAGE))
+    actor_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(learning_rate=1e-4))
+    critic_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(learning_rate=5e-4))
+    actor_lora: LoRAConfig = field(default_factory=LoRAConfig)
+    critic_lora: LoRAConfig = field(default_factory=LoRAConfig)
+    preset: str = "stable"  # named values for the fields below (jaxrlhf/config/presets.py); these defaults are "stable"
+    kl_coef: float = 0.1  # weight of the per-token KL penalty to the reference (SFT) policy
+    kl_estimator: Literal["k1", "k3"] = "k1"  # log-ratio, or the unbiased non-negative k3
+    adaptive_kl: bool = False  # steer kl_coef towards kl_target (Ziegler et al.)
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    clip_reward_value: float = 5.0  # reward-model scores are clipped to +-this
+    cliprange: float = 0.2  # policy-ratio clip
+    cliprange_value: float = 0.2  # value clip around the rollout values
+    gamma: float = 1.0
+    lam: float = 0.95  # GAE lambda
+    whiten_advantages: bool = True
+    score_position: Literal["last_token", "after_last"] = "last_token"  # which token receives the score
+    dual_clip: float | None = 3.0  # dual-clip PPO bound on negative advantages (> 1); None = off
+    entropy_coef: float = 0.0
+    ppo_epochs: int = 2  # passes over each rollout batch
+    num_minibatches: int = 4  # optimizer steps per pass; must divide prompts_per_iteration
+    grad_accum_steps: int = 1  # micro-batches per minibatch
+    prompts_per_iteration: int = 64  # rollouts generated per iteration, over all devices
+    num_iterations: int = 60
+    max_prompt_seq_len: int = 24
+    max_answer_seq_len: int = 24
+    long_prompt: Literal["drop", "truncate"] = "drop"  # prompts longer than max_prompt_seq_len
+    short_answer: Literal["drop", "penalize"] = "drop"  # answers of one token or less (DeepSpeed-Chat drops them)
+    short_answer_penalty: float = -1.0  # the reward given to a penalized answer
+    unsup_coef: float = 0.0  # weight of the pretraining (PTX) loss; 0 = none
+    ema_decay: float = 0.9  # exponential moving average of the actor; 0 = off
+    eval_prompts: int = 256
+
+    def validate(self, key: str) -> None:
+        require(self.preset in PRESETS, f"{key}.preset", f"{self.preset!r} is not one of {', '.join(PRESETS)}")
+        for section in ("actor_model", "critic_model"):
+            getattr(self, section).validate(f"{key}.{section}")
+        for section in ("actor_optimizer", "critic_optimizer"):
+            getattr(self, section).validate(f"{key}.{section}")
+        for section in ("actor_lora", "critic_lora"):
+            getattr(self, section).validate(f"{key}.{section}")
+        at_least(self, key, 0, "kl_coef", "entropy_coef", "unsup_coef", "num_iterations")
+        at_least(self, key, 1, "eval_prompts")
+        require_master_weights(self.actor_model, self.actor_lora, f"{key}.actor_model")
+        require_master_weights(self.critic_model, self.critic_lora, f"{key}.critic_model")
+        at_least(
+            self,
+            key,
+            1,
+            "kl_horizon",
+            "ppo_epochs",
+            "num_minibatches",
+            "grad_accum_steps",
+            "prompts_per_iteration",
+            "max_prompt_seq_len",
+            "max_answer_seq_len",
+        )
+        for name in ("kl_target", "clip_reward_value", "cliprange", "cliprange_value"):
+            value = getattr(self, name)
+            require(value > 0, f"{key}.{name}", f"must be > 0, got {value}")
+        for name in ("gamma", "lam"):
+            value = getattr(self, name)
+            require(0 <= value <= 1, f"{key}.{name}", f"must be in [0, 1], got {value}")
+        require(
+            self.dual_clip is None or self.dual_clip > 1,
+            f"{key}.dual_clip",
+            f"must be > 1 or null, got {self.dual_clip}",
+        )
+        require(0 <= self.ema_decay < 1, f"{key}.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        require(
+            self.prompts_per_iteration % self.num_minibatches == 0,
+            f"{key}.num_minibatches",
+            f"{self.num_minibatches} does not divide prompts_per_iteration={self.prompts_per_iteration}",
+        )
