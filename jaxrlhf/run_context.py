@@ -16,6 +16,7 @@ from jaxrlhf.config import RunConfig
 from jaxrlhf.data.builtin import BUILTIN
 from jaxrlhf.data.split import step_records
 from jaxrlhf.metrics import MetricsLogger
+from jaxrlhf.models import CausalLM, ValueModel, load_pretrained
 from jaxrlhf.models.builtin import builtin_model_dir
 from jaxrlhf.models.lora import apply_lora
 from jaxrlhf.parallel.mesh import barrier
@@ -80,7 +81,7 @@ class RunContext:
 
         def resolved(sources):  # the built-in task's size travels in its path
             return [
-                dataclasses.replace(s, path=f"builtin:{data.builtin_size}") if s.layout == BUILTIN else s
+                dataclasses.replace(s, path=f"{BUILTIN}:{data.builtin_size}") if s.layout == BUILTIN else s
                 for s in sources
             ]
 
@@ -103,6 +104,23 @@ class RunContext:
         if self.config.resume == "always" and latest is None:
             raise FileNotFoundError(f"resume=always but {directory} has no checkpoint")
         return checkpointer, latest
+
+    def load_model(self, path: str, model_config, lora=None, value_head: bool = False):
+        """A HF directory loaded in the training layout (the run's mesh and rules) with the
+        configured precision and remat, adapters added if `lora` has a rank; a value head (reward
+        model, critic) instead of the LM head if asked."""
+        model = load_pretrained(
+            path,
+            mesh=self.mesh,
+            rules=self.rules,
+            dtype=model_config.dtype,
+            param_dtype=model_config.param_dtype,
+            remat=model_config.remat,
+            model_cls=ValueModel if value_head else CausalLM,
+        )
+        if lora is not None:
+            self.add_lora(model, lora)
+        return model
 
     def add_lora(self, model, lora) -> None:
         """Adds the configured adapters (if rank > 0), placed in the training layout like the rest

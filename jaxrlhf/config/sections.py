@@ -130,7 +130,7 @@ class DataSourceConfig:
     """One data set on disk (or the built-in task) and how its columns are read."""
 
     path: str = BUILTIN  # a local file or directory, or "builtin" for the generated task
-    layout: DataLayout = "builtin"  # which columns hold prompt / chosen / rejected
+    layout: DataLayout = BUILTIN  # which columns hold prompt / chosen / rejected
     weight: float = 1.0  # times each record is used on average (0.5: a seeded half, 2: twice)
 
     def validate(self, key: str) -> None:

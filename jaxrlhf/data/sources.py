@@ -125,7 +125,7 @@ LAYOUTS = {
     "shp": Layout(("history", "human_ref_A", "human_ref_B", "labels"), _shp),
     "prompt-response": Layout(("prompt", "response"), _prompt_response),
 }
-LAYOUT_NAMES = (BUILTIN, *LAYOUTS)  # every value a source's `layout` may take
+LAYOUT_NAMES = (*LAYOUTS, BUILTIN)  # every value a source's `layout` may take
 
 
 def _read_table(path: str) -> datasets.Dataset:

@@ -46,16 +46,22 @@ class TaskHooks:
 
 
 @dataclasses.dataclass
+class HeldOutPrompts:
+    """The evaluation prompts: this process's rows of the arrays, and every prompt's text."""
+
+    arrays: dict[str, np.ndarray]
+    texts: list[str]
+
+
+@dataclasses.dataclass
 class PPORun:
-    """One PPO run, set up: the iteration loop, the models' graphs, the evaluation prompts."""
+    """One PPO run, set up: the iteration loop, the models' graphs and sources, the evaluation prompts."""
 
     loop: PPOLoop
     graphs: RoleGraphs
     tokenizer: object
-    actor_path: str
-    critic_path: str
-    eval_prompts: dict[str, np.ndarray]  # this process's rows of the held-out prompts
-    eval_texts: list[str]
+    sources: dict[str, str]  # where each exported role's config and tokenizer come from
+    held_out: HeldOutPrompts
     hooks: TaskHooks
 
 
@@ -122,9 +128,9 @@ def prepare_run(ctx: RunContext, hooks: TaskHooks) -> tuple[PPORun, PPOState]:
     train_prompts, _ = tokenize_prompts(
         data.train, tokenizer, ppo.max_prompt_seq_len, ppo.long_prompt, cache_dir=ctx.cache_dir
     )
-    eval_prompts, eval_texts = held_out_prompts(ctx, data.eval, tokenizer)
+    held_out = held_out_prompts(ctx, data.eval, tokenizer)
     print(
-        f"[ppo] {len(train_prompts['prompt_ids'])} train prompts, {len(eval_texts)} eval prompts; {data.report}",
+        f"[ppo] {len(train_prompts['prompt_ids'])} train prompts, {len(held_out.texts)} eval prompts; {data.report}",
         flush=True,
     )
 
@@ -175,16 +181,8 @@ def prepare_run(ctx: RunContext, hooks: TaskHooks) -> tuple[PPORun, PPOState]:
         prompt_len=ppo.max_prompt_seq_len,
         sizes=sizes,
     )
-    run = PPORun(
-        loop=loop,
-        graphs=graphs,
-        tokenizer=tokenizer,
-        actor_path=actor_path,
-        critic_path=critic_path,
-        eval_prompts=eval_prompts,
-        eval_texts=eval_texts,
-        hooks=hooks,
-    )
+    sources = {"actor": actor_path, "actor_ema": actor_path, "critic": critic_path, "reward_model": critic_path}
+    run = PPORun(loop=loop, graphs=graphs, tokenizer=tokenizer, sources=sources, held_out=held_out, hooks=hooks)
     return run, state
 
 
@@ -210,7 +208,7 @@ def batch_iterator(arrays: dict[str, np.ndarray], batch_size: int, seed: int) ->
     )
 
 
-def held_out_prompts(ctx: RunContext, records, tokenizer) -> tuple[dict[str, np.ndarray], list[str]]:
+def held_out_prompts(ctx: RunContext, records, tokenizer) -> HeldOutPrompts:
     """This process's rows of the evaluation prompts (a multiple of the data-parallel size), and all their texts."""
     ppo = ctx.config.ppo
     arrays, kept = tokenize_prompts(
@@ -220,7 +218,7 @@ def held_out_prompts(ctx: RunContext, records, tokenizer) -> tuple[dict[str, np.
     count = min(ppo.eval_prompts, len(kept)) // replicas * replicas
     rows = count // jax.process_count()  # each process feeds its own rows of the global eval batch
     mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
-    return (
+    return HeldOutPrompts(
         {name: arrays[name][:count][mine] for name in ("prompt_ids", "prompt_mask")},
         [records[int(i)].prompt for i in kept[:count]],
     )
@@ -247,7 +245,7 @@ def evaluate_policy(run: PPORun, state: PPOState, with_actor: bool) -> dict:
     loop = run.loop
     states = loop.role_states(state)
     policy = states.actor if with_actor else states.reference
-    prompts = loop.device_batch(run.eval_prompts)
+    prompts = loop.device_batch(run.held_out.arrays)
     out, _ = loop.engine.generate(
         (policy.params, policy.frozen),
         prompts["prompt_ids"],
@@ -262,21 +260,18 @@ def evaluate_policy(run: PPORun, state: PPOState, with_actor: bool) -> dict:
     }
     if run.hooks.gold_reward is not None:
         answers = decode_answers(run.tokenizer, to_host(out.tokens), to_host(out.attention_mask), loop.prompt_len)
-        gold = [run.hooks.gold_reward(prompt, answer) for prompt, answer in zip(run.eval_texts, answers)]
+        gold = [run.hooks.gold_reward(prompt, answer) for prompt, answer in zip(run.held_out.texts, answers)]
         result["gold"], result["gold_se"] = mean_and_se(gold)
-        result["sample"] = run.eval_texts[0].strip() + " ->" + answers[0]
+        result["sample"] = run.held_out.texts[0].strip() + " ->" + answers[0]
     return result
 
 
 def export_roles(ctx: RunContext, run: PPORun, state: PPOState) -> None:
     """HF exports of the actor, the EMA actor, the critic and the reward model under <output_dir>/ppo/,
     and the plot of the run's curves."""
-    sources = {"actor": run.actor_path, "actor_ema": run.actor_path, "critic": run.critic_path}
-    for role, model in merged_models(run.graphs, state).items():
-        export_model(model, ctx.step_dir("ppo", role), sources[role])
-    export_model(
-        run.loop.reward_model.model(run.graphs.reward_model), ctx.step_dir("ppo", "reward_model"), run.critic_path
-    )
+    models = {**merged_models(run.graphs, state), "reward_model": run.loop.reward_model.model(run.graphs.reward_model)}
+    for role, model in models.items():
+        export_model(model, ctx.step_dir("ppo", role), run.sources[role])
     if jax.process_index() == 0:
         plot_metrics(
             f"{ctx.output_dir}/metrics.jsonl",

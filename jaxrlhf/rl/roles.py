@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxrlhf.models import CausalLM, ValueModel, load_pretrained
 from jaxrlhf.train_state import split_for_training
 
 
@@ -56,17 +55,7 @@ class LoadedModel:
 
 def load_model(ctx, path: str, model_config, lora=None, value_head: bool = False) -> LoadedModel:
     """Loads a HF directory in the training (FSDP) layout, with adapters if `lora` has a rank."""
-    model = load_pretrained(
-        path,
-        mesh=ctx.mesh,
-        rules=ctx.rules,
-        dtype=model_config.dtype,
-        param_dtype=model_config.param_dtype,
-        remat=model_config.remat,
-        model_cls=ValueModel if value_head else CausalLM,
-    )
-    if lora is not None:
-        ctx.add_lora(model, lora)
+    model = ctx.load_model(path, model_config, lora, value_head)
     graphdef, params, frozen = split_for_training(model, lora.rank if lora is not None else 0)
     return LoadedModel(graphdef, ModelStates(params, frozen))
 

@@ -63,13 +63,9 @@ def actor_objective(settings: UpdateSettings):
         experience: Experience = batch["experience"]
         logits = model(experience.tokens, experience.attention_mask)
         logprobs = next_token_logprobs(logits, experience.tokens)
+        old, advantages, mask = experience.old_logprobs, experience.advantages, experience.action_mask
         surrogate, stats = actor_loss(
-            logprobs,
-            experience.old_logprobs,
-            experience.advantages,
-            experience.action_mask,
-            cliprange=settings.cliprange,
-            dual_clip=settings.dual_clip,
+            logprobs, old, advantages, mask, cliprange=settings.cliprange, dual_clip=settings.dual_clip
         )
         loss = surrogate
         if settings.entropy_coef:
@@ -92,13 +88,8 @@ def critic_objective(settings: UpdateSettings):
         experience: Experience = batch["experience"]
         values = model(experience.tokens, experience.attention_mask)[:, :-1]
         # over the answer's actions, as DeepSpeed-Chat: never the extra "after_last" score slot
-        loss, stats = value_loss(
-            values,
-            experience.old_values,
-            experience.returns,
-            experience.action_mask,
-            cliprange_value=settings.cliprange_value,
-        )
+        old, returns, mask = experience.old_values, experience.returns, experience.action_mask
+        loss, stats = value_loss(values, old, returns, mask, cliprange_value=settings.cliprange_value)
         return loss, {"critic_loss": loss, **stats}
 
     return loss_fn

@@ -18,6 +18,7 @@ from flax import nnx
 from jaxrlhf.checkpoint import maybe_kill_after_checkpoint
 from jaxrlhf.data.batches import BatchIterator, BatchPosition
 from jaxrlhf.metrics import count_params, progress, throughput, training_flops_per_token
+from jaxrlhf.models import export_model, load_tokenizer
 from jaxrlhf.run_context import RunContext
 from jaxrlhf.train_state import (
     LossFn,
@@ -32,13 +33,30 @@ from jaxrlhf.train_state import (
 
 @dataclasses.dataclass
 class SupervisedJob:
-    name: str  # "sft" or "rm": the log prefix and the output subdirectory
+    """What makes step 1 or step 2 itself; everything else is this module's."""
+
+    name: str  # "sft" or "rm": the log prefix, the output subdirectory, the data slice
     stage: object  # SFTConfig or RMConfig
+    previous_step: str | None  # whose export an empty model path means
+    value_head: bool  # a reward model (value head) instead of a causal LM
+    tokenize: Callable  # (records, tokenizer) -> arrays of the step's batches
     loss_fn: LossFn  # (model, batch) -> (loss, metrics); also used for evaluation
-    train_arrays: dict[str, np.ndarray]
-    eval_arrays: dict[str, np.ndarray]
     count_tokens: Callable[[dict[str, np.ndarray]], int]  # real tokens in a batch, for throughput
     data_seed: int
+
+
+def run_supervised(ctx: RunContext, job: SupervisedJob) -> tuple[dict, dict]:
+    """Loads the model and the step's data, trains, exports <output_dir>/<name>/model (HF format
+    with the tokenizer); returns the eval metrics before and after training."""
+    model_path = ctx.model_path(job.stage.model.path, previous_step=job.previous_step)
+    tokenizer = load_tokenizer(model_path)
+    data = ctx.step_data(job.name)
+    print(f"[{job.name}] {len(data.train)} train / {len(data.eval)} eval records; {data.report}", flush=True)
+    train_arrays, eval_arrays = job.tokenize(data.train, tokenizer), job.tokenize(data.eval, tokenizer)
+    model = ctx.load_model(model_path, job.stage.model, job.stage.lora, value_head=job.value_head)
+    model, first, last = train_supervised(ctx, job, model, train_arrays, eval_arrays)
+    export_model(model, ctx.step_dir(job.name, "model"), model_path)
+    return first, last
 
 
 def total_steps(stage, rows: int) -> int:
@@ -66,13 +84,12 @@ def evaluate(
     return totals
 
 
-def train_supervised(ctx: RunContext, job: SupervisedJob, model: nnx.Module):
+def train_supervised(ctx: RunContext, job: SupervisedJob, model: nnx.Module, train_arrays, eval_arrays):
     """Trains `model` on `job`; returns (trained model, first eval metrics, last eval metrics)."""
     config, stage = ctx.config, job.stage
-    ctx.add_lora(model, stage.lora)
     model_config = model.config
     graphdef, params, frozen = split_for_training(model, stage.lora.rank)
-    rows = len(next(iter(job.train_arrays.values())))
+    rows = len(next(iter(train_arrays.values())))
     steps = total_steps(stage, rows)
     optimizer = make_optimizer(stage.optimizer, steps)
     schedule = learning_rate_schedule(stage.optimizer, steps)
@@ -80,7 +97,7 @@ def train_supervised(ctx: RunContext, job: SupervisedJob, model: nnx.Module):
     train_step = make_train_step(graphdef, job.loss_fn, optimizer, stage.grad_accum_steps)
     eval_step = make_eval_step(graphdef, job.loss_fn)
     iterator = BatchIterator(
-        job.train_arrays,
+        train_arrays,
         stage.batch_size,
         seed=job.data_seed,
         process_index=jax.process_index(),
@@ -89,7 +106,7 @@ def train_supervised(ctx: RunContext, job: SupervisedJob, model: nnx.Module):
     checkpointer, latest = ctx.open_checkpoints(job.name)
 
     evaluate_now = lambda: evaluate(
-        ctx, eval_step, state.params, state.frozen, job.eval_arrays, stage.batch_size, stage.eval_batches
+        ctx, eval_step, state.params, state.frozen, eval_arrays, stage.batch_size, stage.eval_batches
     )
     start = 0
     if latest is not None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxrlhf.data.tokenize import tokenize_pairs
-from jaxrlhf.models import ValueModel, export_model, load_pretrained, load_tokenizer
 from jaxrlhf.models.outputs import sequence_scores
 from jaxrlhf.run_context import RunContext
-from jaxrlhf.steps.loop import SupervisedJob, train_supervised
+from jaxrlhf.steps.loop import SupervisedJob, run_supervised
 from jaxrlhf.steps.losses import pairwise_accuracy, pairwise_loss_deepspeed_chat, pairwise_loss_final_token
 
 
@@ -52,33 +51,20 @@ def make_reward_loss(kind: str, centering_coef: float):
 
 def run_reward_model(ctx: RunContext) -> dict[str, float]:
     """Trains, exports <output_dir>/rm/model (SequenceClassification + tokenizer), returns summary values."""
-    config, stage = ctx.config, ctx.config.rm
-    model_path = ctx.model_path(stage.model.path, previous_step="sft")
-    tokenizer = load_tokenizer(model_path)
-    data = ctx.step_data("rm")
-    print(f"[rm] {len(data.train)} train / {len(data.eval)} eval pairs; {data.report}", flush=True)
-    tokenized = lambda records: tokenize_pairs(records, tokenizer, stage.max_seq_len, cache_dir=ctx.cache_dir)
-    model = load_pretrained(
-        model_path,
-        mesh=ctx.mesh,
-        rules=ctx.rules,
-        dtype=stage.model.dtype,
-        param_dtype=stage.model.param_dtype,
-        remat=stage.model.remat,
-        model_cls=ValueModel,
-    )
-    count = lambda rows: int(rows["chosen_mask"].sum() + rows["rejected_mask"].sum())
+    stage = ctx.config.rm
     job = SupervisedJob(
         name="rm",
         stage=stage,
+        previous_step="sft",
+        value_head=True,
         loss_fn=make_reward_loss(stage.loss, stage.centering_coef),
-        train_arrays=tokenized(data.train),
-        eval_arrays=tokenized(data.eval),
-        count_tokens=count,
-        data_seed=config.data.seed + 2,
+        tokenize=lambda records, tokenizer: tokenize_pairs(
+            records, tokenizer, stage.max_seq_len, cache_dir=ctx.cache_dir
+        ),
+        count_tokens=lambda rows: int(rows["chosen_mask"].sum() + rows["rejected_mask"].sum()),
+        data_seed=ctx.config.data.seed + 2,
     )
-    model, first, last = train_supervised(ctx, job, model)
-    export_model(model, ctx.step_dir("rm", "model"), model_path)
+    first, last = run_supervised(ctx, job)
     return {
         "rm.eval_accuracy_start": first["accuracy"],
         "rm.eval_accuracy": last["accuracy"],

@@ -12,6 +12,7 @@ log-sum-exps. On CPU it runs in Pallas' GPU interpret mode (tests); it lowers fo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -43,29 +44,40 @@ def kernel_supports(dtype, head_dim: int, max_len: int) -> str | None:
     return None
 
 
-def _flash_decoding_kernel(
-    q_gmem,
-    k_gmem,
-    v_gmem,
-    start_gmem,
-    end_gmem,
-    out_gmem,
-    lse_gmem,
-    *scratch,
-    scale: float,
-    block_kv: int,
-    num_stages: int,
-    split_len: int,
-    out_rows: int,
-    interpret: bool,
-):
+@dataclasses.dataclass(frozen=True)
+class KernelPlan:
+    """The static shape of one kernel call."""
+
+    scale: float
+    block_kv: int  # keys per step
+    num_stages: int  # K/V blocks in flight
+    num_splits: int  # parallel chunks of the key range
+    split_len: int  # keys per chunk, a multiple of block_kv
+    out_rows: int  # output rows written back per program: the group, padded to 8 for the copy
+
+
+def plan_kernel(q, k_cache, scale, block_kv: int, num_stages: int, num_splits: int | None) -> KernelPlan:
+    batch, q_heads, head_dim = q.shape
+    kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
+    num_splits = num_splits or default_num_splits(batch, kv_heads, max_len, block_kv)
+    split_len = pl.cdiv(max_len, num_splits * block_kv) * block_kv
+    num_stages = max(1, min(num_stages, split_len // block_kv))
+    out_rows = max(8, pl.cdiv(q_heads // kv_heads, 8) * 8)
+    scale = head_dim**-0.5 if scale is None else scale
+    return KernelPlan(scale, block_kv, num_stages, pl.cdiv(max_len, split_len), split_len, out_rows)
+
+
+def _flash_decoding_kernel(*refs, plan: KernelPlan, interpret: bool):
     """One (row, kv head, split) program: online softmax over the split's valid key blocks.
 
-    q_gmem [batch, kv_heads, 64, dim]; k_gmem, v_gmem [batch, kv_heads, max_len, dim];
+    refs: q_gmem [batch, kv_heads, 64, dim]; k_gmem, v_gmem [batch, kv_heads, max_len, dim];
     start_gmem, end_gmem [batch] int32; out_gmem [batch, kv_heads, splits, out_rows, dim] f32
-    (normalised within the split); lse_gmem [batch, kv_heads, splits, out_rows] f32.
+    (normalised within the split); lse_gmem [batch, kv_heads, splits, out_rows] f32; then the
+    shared-memory scratch of `_scratch_types`.
     """
+    q_gmem, k_gmem, v_gmem, start_gmem, end_gmem, out_gmem, lse_gmem, *scratch = refs
     q_smem, k_smem, v_smem, out_smem, lse_smem, q_barrier, k_barriers, v_barriers = scratch
+    block_kv, num_stages, split_len = plan.block_kv, plan.num_stages, plan.split_len
     b, h, s = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("splits")
     split_start = s * split_len
     lo = jnp.maximum(start_gmem[b], split_start)  # the row's valid slots inside this split: [lo, hi)
@@ -87,7 +99,7 @@ def _flash_decoding_kernel(
         acc, running_max, running_sum = carry  # [64, dim], [64], [64] float32
         stage = lax.rem(i, num_stages)
         plgpu.barrier_wait(k_barriers.at[stage])
-        logits = _q_times_k(q_smem, k_smem.at[stage], interpret) * scale  # [64, block_kv]
+        logits = _q_times_k(q_smem, k_smem.at[stage], interpret) * plan.scale  # [64, block_kv]
         slots = (first_block + i) * block_kv + _iota(logits.shape, 1, interpret)
         logits = jnp.where((slots >= lo) & (slots < hi), logits, MASK_VALUE)
         new_max = jnp.maximum(running_max, logits.max(axis=1))
@@ -108,7 +120,7 @@ def _flash_decoding_kernel(
     )
     acc, running_max, running_sum = lax.fori_loop(0, num_blocks, attend_block, init)
     _write_split(
-        acc, running_max, running_sum, out_smem, lse_smem, out_gmem.at[b, h, s], lse_gmem.at[b, h, s], out_rows
+        acc, running_max, running_sum, out_smem, lse_smem, out_gmem.at[b, h, s], lse_gmem.at[b, h, s], plan.out_rows
     )
 
 
@@ -196,35 +208,22 @@ def decode_attention_pallas(
     batch, q_heads, head_dim = q.shape
     kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
     group = q_heads // kv_heads
-    scale = head_dim**-0.5 if scale is None else scale
-    num_splits = num_splits or default_num_splits(batch, kv_heads, max_len, block_kv)
-    split_len = pl.cdiv(max_len, num_splits * block_kv) * block_kv
-    num_splits = pl.cdiv(max_len, split_len)
-    num_stages = max(1, min(num_stages, split_len // block_kv))
-    out_rows = max(8, pl.cdiv(group, 8) * 8)  # rows written back: the group, padded for the copy
+    plan = plan_kernel(q, k_cache, scale, block_kv, num_stages, num_splits)
+    splits, rows = plan.num_splits, plan.out_rows
 
     # [batch, kv_heads, 64, dim]: the group's query heads, then zero rows.
     q_tiles = jnp.pad(
         q.reshape(batch, kv_heads, group, head_dim).astype(k_cache.dtype),
         ((0, 0), (0, 0), (0, TILE_ROWS - group), (0, 0)),
     )
-    kernel = functools.partial(
-        _flash_decoding_kernel,
-        scale=scale,
-        block_kv=block_kv,
-        num_stages=num_stages,
-        split_len=split_len,
-        out_rows=out_rows,
-        interpret=interpret,
-    )
     split_out, split_lse = plgpu.kernel(
-        kernel,
+        functools.partial(_flash_decoding_kernel, plan=plan, interpret=interpret),
         out_type=(
-            jax.ShapeDtypeStruct((batch, kv_heads, num_splits, out_rows, head_dim), jnp.float32),
-            jax.ShapeDtypeStruct((batch, kv_heads, num_splits, out_rows), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32),
         ),
-        scratch_types=_scratch_types(k_cache.dtype, head_dim, block_kv, num_stages),
-        grid=(batch, kv_heads, num_splits),
+        scratch_types=_scratch_types(k_cache.dtype, head_dim, block_kv, plan.num_stages),
+        grid=(batch, kv_heads, splits),
         grid_names=("batch", "heads", "splits"),
         compiler_params=plgpu.CompilerParams(),
         interpret=_interpret_params() if interpret else None,
