@@ -21,7 +21,10 @@ import signal
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from jaxrlhf.parallel.mesh import barrier
 
 # Test hook: the process kills itself with SIGKILL right after the checkpoint of this step is
 # written, to prove that a killed run resumes exactly (see tests/test_resume.py).
@@ -33,6 +36,17 @@ def maybe_kill_after_checkpoint(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class NonFiniteValues(RuntimeError):
+    """Arrays about to be written hold a NaN or an inf."""
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every floating-point array of `tree` is finite (one reduction per array, one dispatch)."""
+    floats = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating)]
+    flags = jax.jit(lambda arrays: [jnp.all(jnp.isfinite(x)) for x in arrays])(floats)
+    return all(bool(flag) for flag in flags)
+
+
 class Checkpointer:
     """Keeps the newest `keep` checkpoints, written every `every_steps` steps (or when forced)."""
 
@@ -42,10 +56,10 @@ class Checkpointer:
         remote = "://" in str(directory)  # e.g. gs://bucket/run: orbax reads and writes it directly
         self.directory = str(directory) if remote else os.path.abspath(directory)
         self.every_steps = every_steps
-        options = ocp.CheckpointManagerOptions(
+        self._options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=False, cleanup_tmp_directories=True
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "metadata"))
+        self._manager = ocp.CheckpointManager(self.directory, options=self._options, item_names=("state", "metadata"))
 
     def should_save(self, step: int, force: bool = False) -> bool:
         """Whether `save(step, ...)` would write: on every `every_steps`-th step after 0, or forced; never twice."""
@@ -60,6 +74,8 @@ class Checkpointer:
             json.dumps(metadata)
         except (TypeError, ValueError) as error:
             raise TypeError(f"checkpoint metadata for step {step} is not JSON-serializable: {error}") from None
+        if not all_finite(state):
+            raise NonFiniteValues(f"refusing to write checkpoint {step} in {self.directory}: it holds a NaN or inf")
         self._manager.save(
             step,
             force=True,
@@ -69,6 +85,11 @@ class Checkpointer:
         )
         self._manager.wait_until_finished()
         return True
+
+    def describe_latest(self) -> str:
+        """Where the newest checkpoint is, in words (for error messages)."""
+        step = self.latest_step()
+        return f"step {step} in {self.directory}" if step is not None else f"none yet (in {self.directory})"
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None when there is no checkpoint."""
@@ -94,6 +115,40 @@ class Checkpointer:
         )
         state = jax.tree.map(_data_to_key, target, restored.state)
         return state, dict(restored.metadata)
+
+    def restore_latest(self, target: Any) -> tuple[int, Any, dict]:
+        """(step, state, metadata) of the newest checkpoint that restores. A newer one that fails
+        while an older one restores is unreadable (a truncated array file, lost metadata): it is
+        reported and moved aside to `<step>.corrupt`. When none restores, nothing is moved (the
+        cause is then rather a changed model than a damaged file) and the first failure is raised."""
+        failures = []
+        for step in reversed(self.all_steps()):
+            try:
+                state, metadata = self.restore(target, step)
+            except Exception as error:  # orbax and tensorstore raise many kinds for a damaged file
+                failures.append((step, error))
+                continue
+            for bad_step, error in failures:
+                self._set_aside(bad_step, error)
+            return step, state, metadata
+        if not failures:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        step, error = failures[0]
+        raise ValueError(
+            f"checkpoint {step} in {self.directory} does not restore ({_first_line(error)}); resume=never starts over"
+        ) from error
+
+    def _set_aside(self, step: int, error: BaseException) -> None:
+        print(
+            f"warning: checkpoint {step} in {self.directory} is unreadable ({_first_line(error)}); moved to "
+            f"{step}.corrupt, resuming from the previous one",
+            flush=True,
+        )
+        if jax.process_index() == 0:
+            os.replace(os.path.join(self.directory, str(step)), os.path.join(self.directory, f"{step}.corrupt"))
+        barrier(f"jaxrlhf set aside {self.directory}/{step}")
+        self._manager.close()
+        self._manager = ocp.CheckpointManager(self.directory, options=self._options, item_names=("state", "metadata"))
 
     def close(self) -> None:
         self._manager.close()
@@ -139,3 +194,8 @@ def _data_to_key(target_leaf: Any, restored_leaf: Any) -> Any:
             "pass a concrete key (jax.random.key) in the target instead of a ShapeDtypeStruct"
         )
     return key
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__

@@ -7,6 +7,7 @@ Only process 0 writes, so every process may call all of this unconditionally.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Iterable, Mapping
@@ -89,11 +90,14 @@ class MetricsLogger:
             return
         values = {name: _as_float(name, value) for name, value in metrics.items()}
         print(format_metrics_line(step, values, prefix), flush=True)
-        self._jsonl.write(json.dumps({"step": step, "prefix": prefix, **values}) + "\n")
+        # JSON has no NaN: a non-finite value (a skipped step's loss) is written as null
+        finite = {name: value if math.isfinite(value) else None for name, value in values.items()}
+        self._jsonl.write(json.dumps({"step": step, "prefix": prefix, **finite}) + "\n")
         self._jsonl.flush()  # a crash loses no logged line
         if self._tensorboard is not None:
-            for name, value in values.items():
-                self._tensorboard.add_scalar(f"{prefix}/{name}", value, step)
+            for name, value in finite.items():
+                if value is not None:
+                    self._tensorboard.add_scalar(f"{prefix}/{name}", value, step)
 
     def close(self) -> None:
         if self._jsonl is not None:
@@ -131,7 +135,7 @@ def update_summary(output_dir: str | os.PathLike, values: Mapping) -> dict:
     """
     path = Path(output_dir) / "summary.json"
     summary = json.loads(path.read_text()) if path.exists() else {}
-    _merge_into(summary, values)
+    _merge_into(summary, {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in values.items()})
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(".json.tmp")
@@ -195,6 +199,12 @@ def progress(total: int, desc: str) -> tqdm:
         mininterval=0.5 if sys.stderr.isatty() else 30.0,
         dynamic_ncols=True,
     )
+
+
+def close_progress_bars() -> None:
+    """Ends every open progress bar's line, so that what is printed next starts a line of its own."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _as_float(name: str, value: object) -> float:

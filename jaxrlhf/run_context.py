@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxrlhf.checkpoint import Checkpointer
-from jaxrlhf.config import RunConfig
+from jaxrlhf.config import RunConfig, save_resolved_config
 from jaxrlhf.data.builtin import BUILTIN
 from jaxrlhf.data.split import step_records
 from jaxrlhf.metrics import MetricsLogger
@@ -35,7 +35,8 @@ from jaxrlhf.parallel.rules import (
 class RunContext:
     config: RunConfig
     mesh: Mesh
-    logger: MetricsLogger
+    logger: MetricsLogger | None  # None until the run starts writing (after the preflight checks)
+    _records: dict = dataclasses.field(default_factory=dict, repr=False)  # step -> its records, read once
 
     @property
     def output_dir(self) -> str:
@@ -76,7 +77,12 @@ class RunContext:
         return path
 
     def step_data(self, step: str):
-        """The train/eval records of one step (sft, rm or ppo) under the run's data_split."""
+        """The train/eval records of one step (sft, rm or ppo) under the run's data_split (read once)."""
+        if step not in self._records:
+            self._records[step] = self._read_step_data(step)
+        return self._records[step]
+
+    def _read_step_data(self, step: str):
         data = self.config.data
 
         def resolved(sources):  # the built-in task's size travels in its path
@@ -100,15 +106,20 @@ class RunContext:
         checkpointer = Checkpointer(
             directory, keep=self.config.checkpoint.keep, every_steps=self.config.checkpoint.every_steps
         )
+        saved_config = os.path.join(directory, "config.yaml")
+        if jax.process_index() == 0 and not os.path.exists(saved_config):  # the settings this step started with
+            save_resolved_config(self.config, directory)
         latest = checkpointer.latest_step() if self.config.resume != "never" else None
         if self.config.resume == "always" and latest is None:
             raise FileNotFoundError(f"resume=always but {directory} has no checkpoint")
         return checkpointer, latest
 
-    def load_model(self, path: str, model_config, lora=None, value_head: bool = False):
+    def load_model(self, path: str, model_config, lora=None, value_head: bool = False, new_head: bool = False):
         """A HF directory loaded in the training layout (the run's mesh and rules) with the
         configured precision and remat, adapters added if `lora` has a rank; a value head (reward
-        model, critic) instead of the LM head if asked."""
+        model, critic) instead of the LM head if asked. A value model without a trained head is
+        refused, unless `new_head` (the reward-model step trains one) or the model config allows it."""
+        untrained_head = "zeros" if new_head else "warn" if model_config.allow_untrained_head else "refuse"
         model = load_pretrained(
             path,
             mesh=self.mesh,
@@ -117,6 +128,7 @@ class RunContext:
             param_dtype=model_config.param_dtype,
             remat=model_config.remat,
             model_cls=ValueModel if value_head else CausalLM,
+            untrained_head=untrained_head,
         )
         if lora is not None:
             self.add_lora(model, lora)

@@ -21,6 +21,7 @@ def run(config) -> dict[str, float]:
 
     from jaxrlhf.metrics import MetricsLogger, format_summary_table, update_summary
     from jaxrlhf.parallel import make_mesh, maybe_initialize_distributed
+    from jaxrlhf.preflight import preflight
     from jaxrlhf.run_context import RunContext
     from jaxrlhf.steps.reward_model import run_reward_model
     from jaxrlhf.steps.sft import run_sft
@@ -30,8 +31,11 @@ def run(config) -> dict[str, float]:
         config.distributed.coordinator_address,
         config.distributed.num_processes,
         config.distributed.process_id,
+        config.distributed.heartbeat_timeout_s,
     )
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    ctx = RunContext(config, mesh, logger=None)
+    preflight(ctx)  # before anything is written
     os.makedirs(config.output_dir, exist_ok=True)
     if jax.process_index() == 0:
         save_resolved_config(config, config.output_dir)
@@ -40,8 +44,7 @@ def run(config) -> dict[str, float]:
         from jaxrlhf.rl.ppo import run_ppo
 
         runners["ppo"] = lambda ctx: run_ppo(ctx, task_hooks(config))
-    logger = MetricsLogger(config.output_dir, tensorboard=config.tensorboard)
-    ctx = RunContext(config, mesh, logger)
+    logger = ctx.logger = MetricsLogger(config.output_dir, tensorboard=config.tensorboard)
     print(
         f"jaxrlhf: steps {', '.join(config.steps)} on {mesh.devices.size} device(s) "
         f"(mesh {dict(mesh.shape)}), output in {config.output_dir}",
@@ -80,14 +83,36 @@ def main(argv: list[str] | None = None) -> int:
     if print_only:
         print(config_yaml(config), end="")
         return 0
+    import jax
+
+    from jaxrlhf.checkpoint import NonFiniteValues
+    from jaxrlhf.metrics import close_progress_bars
+    from jaxrlhf.train_state import TrainingDiverged
+
     try:
         run(config)
-    except (FileNotFoundError, ValueError) as error:
+    except (TrainingDiverged, NonFiniteValues, FileNotFoundError, ValueError, OSError) as error:
         if os.environ.get("JAXRLHF_DEBUG"):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        close_progress_bars()
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 3 if isinstance(error, (TrainingDiverged, NonFiniteValues)) else 2
+    except jax.errors.JaxRuntimeError as error:
+        if jax.process_count() == 1 or os.environ.get("JAXRLHF_DEBUG"):
+            raise
+        print(
+            f"error: process {jax.process_index()}: a collective failed; another process of this run may have "
+            f"died ({one_line(error)[:200]})",
+            file=sys.stderr,
+            flush=True,
+        )
         return 2
     return 0
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one line: its message, or its type when it has none (disk full names the file)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":

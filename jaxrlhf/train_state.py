@@ -41,19 +41,50 @@ def learning_rate_schedule(optimizer_config, total_steps: int) -> optax.Schedule
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient; the run stops (exit code 3)."""
+
+
+# apply_if_finite gives up and applies a non-finite update after this many in a row: never.
+NEVER_APPLY_NON_FINITE = 2**31 - 1
+
+
 def make_optimizer(optimizer_config, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping (norm computed in float32)."""
+    """AdamW with global-norm clipping (norm computed in float32), behind a non-finite guard: an
+    update whose gradients hold a NaN or an inf is not applied (the parameters and the optimizer
+    state stay as they were) and is counted in the state (`bad_step_counts`)."""
     clip = optimizer_config.max_grad_norm
-    return optax.chain(
-        optax.clip_by_global_norm(clip) if clip > 0 else optax.identity(),  # 0 = no clipping
-        optax.adamw(
-            learning_rate_schedule(optimizer_config, total_steps),
-            b1=optimizer_config.b1,
-            b2=optimizer_config.b2,
-            eps=optimizer_config.eps,
-            weight_decay=optimizer_config.weight_decay,
-        ),
+    adamw = optax.adamw(
+        learning_rate_schedule(optimizer_config, total_steps),
+        b1=optimizer_config.b1,
+        b2=optimizer_config.b2,
+        eps=optimizer_config.eps,
+        weight_decay=optimizer_config.weight_decay,
     )
+    clipped = optax.chain(optax.clip_by_global_norm(clip) if clip > 0 else optax.identity(), adamw)  # 0 = no clip
+    return optax.apply_if_finite(clipped, max_consecutive_errors=NEVER_APPLY_NON_FINITE)
+
+
+def bad_step_counts(opt_state) -> dict[str, jax.Array]:
+    """Steps skipped by the non-finite guard: in a row up to now, and in all."""
+    return {"consecutive_bad_steps": opt_state.notfinite_count, "bad_steps": opt_state.total_notfinite}
+
+
+def poisoned_if_loss_not_finite(grads, loss):
+    """The gradients, made NaN when the loss is not finite, so the guard skips that step too."""
+    return jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
+
+
+def check_bad_steps(metrics: dict, max_bad_steps: int, where: str, last_checkpoint: str) -> None:
+    """Raises TrainingDiverged once `max_bad_steps` optimizer steps in a row were skipped."""
+    counts = {key: value for key, value in metrics.items() if key.endswith("consecutive_bad_steps")}
+    for key, value in counts.items():
+        if value >= max_bad_steps:
+            raise TrainingDiverged(
+                f"{where}: {int(value)} optimizer steps in a row had a non-finite loss or gradient ({key}) and were "
+                f"skipped; stopping (max_bad_steps={max_bad_steps}). Lower the learning rate or check the data; "
+                f"the last good checkpoint is {last_checkpoint}"
+            )
 
 
 @jax.tree_util.register_dataclass
@@ -143,8 +174,9 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransfor
         loss, grads, metrics = accumulate_gradients(
             loss_fn, graphdef, state.params, state.frozen, batch, num_microbatches
         )
-        metrics = dict(metrics, loss=loss, grad_norm=global_norm(grads))
-        return state.apply_gradients(grads, optimizer), metrics
+        state = state.apply_gradients(poisoned_if_loss_not_finite(grads, loss), optimizer)
+        metrics = dict(metrics, loss=loss, grad_norm=global_norm(grads), **bad_step_counts(state.opt_state))
+        return state, metrics
 
     return train_step
 

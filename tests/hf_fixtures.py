@@ -129,3 +129,18 @@ def train_tiny_tokenizer(directory: str) -> str:
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
     fast.save_pretrained(directory)
     return directory
+
+
+def random_reward_model(directory: str, cache_dir: str, seed: int = 1) -> str:
+    """The built-in model exported as a reward model with a random score head (PPO needs a value
+    model with a trained head; a causal LM is refused), with its tokenizer."""
+    import jax
+
+    from jaxrlhf.models import ValueModel, export_model, load_pretrained
+    from jaxrlhf.models.builtin import builtin_model_dir
+
+    source = builtin_model_dir(cache_dir)
+    model = load_pretrained(source, model_cls=ValueModel, untrained_head="zeros")
+    kernel = model.value_head.kernel
+    kernel.set_value(jax.random.normal(jax.random.key(seed), kernel.get_value().shape))
+    return export_model(model, os.path.join(directory, "reward_model"), source)

@@ -136,3 +136,70 @@ def test_checkpoint_survives_sigkill_right_after_save_and_half_written_ones_are_
     assert not half_written.exists()  # cleaned up when the next run opens the directory
     assert metadata == {"note": "before kill"}
     np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(32.0).reshape(8, 4))
+
+
+def corrupt_truncated_array(step_dir):
+    """Cut an array file of the checkpoint in half."""
+    files = [
+        os.path.join(root, name)
+        for root, _, names in os.walk(step_dir)
+        for name in names
+        if "state" in root and os.path.getsize(os.path.join(root, name)) > 64 and "METADATA" not in name
+    ]
+    for path in files:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+
+
+def corrupt_deleted_metadata(step_dir):
+    for root, _, names in os.walk(step_dir):
+        for name in names:
+            if name == "_METADATA":
+                os.remove(os.path.join(root, name))
+
+
+def corrupt_garbage_metadata(step_dir):
+    for root, _, names in os.walk(step_dir):
+        for name in names:
+            if name == "_METADATA":
+                with open(os.path.join(root, name), "w") as f:
+                    f.write("{ not json")
+
+
+@pytest.mark.parametrize("corrupt", [corrupt_truncated_array, corrupt_deleted_metadata, corrupt_garbage_metadata])
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(mesh, tmp_path, corrupt):
+    state = train_state(mesh)
+    with Checkpointer(tmp_path / "ckpt", keep=3, every_steps=1) as checkpointer:
+        checkpointer.save(1, state, {"step": 1})
+        checkpointer.save(2, train_state(mesh, seed=1), {"step": 2})
+    corrupt(tmp_path / "ckpt" / "2")
+    with Checkpointer(tmp_path / "ckpt", keep=3, every_steps=1) as checkpointer:
+        step, restored, metadata = checkpointer.restore_latest(abstract(state))
+        assert step == 1 and metadata == {"step": 1}
+        assert_bitwise_equal(restored, state)
+        assert checkpointer.all_steps() == [1]
+    assert os.path.isdir(tmp_path / "ckpt" / "2.corrupt")
+
+
+def test_a_target_that_fits_no_checkpoint_moves_nothing(mesh, tmp_path):
+    """When every checkpoint fails (a changed model, not a damaged file), nothing is set aside."""
+    with Checkpointer(tmp_path / "ckpt", keep=3, every_steps=1) as checkpointer:
+        checkpointer.save(1, train_state(mesh), {"step": 1})
+        checkpointer.save(2, train_state(mesh), {"step": 2})
+        other = {"params": {"w": jax.ShapeDtypeStruct((3, 3), jnp.float32)}}
+        with pytest.raises(ValueError, match=r"checkpoint 2 in .* does not restore"):
+            checkpointer.restore_latest(other)
+        assert checkpointer.all_steps() == [1, 2]
+
+
+def test_non_finite_values_are_never_written(mesh, tmp_path):
+    from jaxrlhf.checkpoint import NonFiniteValues
+
+    state = train_state(mesh)
+    w = np.array(state["params"]["w"])
+    w[0, 0] = np.nan
+    state["params"]["w"] = jax.device_put(w, state["params"]["w"].sharding)
+    with Checkpointer(tmp_path / "ckpt", keep=3, every_steps=1) as checkpointer:
+        with pytest.raises(NonFiniteValues, match="refusing to write checkpoint 1"):
+            checkpointer.save(1, state, {})
+        assert checkpointer.all_steps() == []

@@ -45,7 +45,9 @@ def test_missing_config_file(tmp_path):
 def reward_model_dir(tmp_path_factory):
     """A random reward model with a tokenizer, exported as transformers' SequenceClassification."""
     root = tmp_path_factory.mktemp("rm")
-    model = load_pretrained(save_tiny_model("llama_gqa_llama3", str(root)), model_cls=ValueModel)
+    model = load_pretrained(
+        save_tiny_model("llama_gqa_llama3", str(root)), model_cls=ValueModel, untrained_head="zeros"
+    )
     path = str(root / "rm")
     save_pretrained(model, path, extra_config={"pad_token_id": 0})
     train_tiny_tokenizer(path)

@@ -135,12 +135,12 @@ def test_bad_rows_are_skipped_counted_and_located(tmp_path):
     assert [record.prompt for record in records] == ["ok", "ok too"]
     assert (report.rows, report.kept, report.bad_total) == (5, 2, 3)
     assert report.bad == {"missing field 'chosen'": 1, "empty 'chosen'": 1, "'chosen' is not a string (got int)": 1}
-    assert report.examples == [
-        f"{path}:1: missing field 'chosen'",
-        f"{path}:2: empty 'chosen'",
-        f"{path}:3: 'chosen' is not a string (got int)",
+    assert report.examples == [  # 1-based lines of the file
+        f"{path}:2: missing field 'chosen'",
+        f"{path}:3: empty 'chosen'",
+        f"{path}:4: 'chosen' is not a string (got int)",
     ]
-    assert f"{path}:3:" in str(report)
+    assert f"{path}:4:" in str(report)
 
 
 def test_unusable_sources_are_clear_errors(tmp_path):
@@ -148,7 +148,11 @@ def test_unusable_sources_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="empty.jsonl: no valid record"):
         load_source(Source(empty, "rm-static"), seed=0)
     unlabeled = write_rows([{"history": "h", "human_ref_A": "a", "human_ref_B": "b"}], str(tmp_path / "shp.jsonl"))
-    with pytest.raises(ValueError, match=r"shp.jsonl: layout 'shp' needs columns .*, missing \['labels'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)shp.jsonl: no valid record for layout 'shp' \(fields history, .*labels\)"
+        r".*missing field 'labels'.*shp.jsonl:1:",
+    ):
         load_source(Source(unlabeled, "shp"), seed=0)
     missing = str(tmp_path / "nowhere.jsonl")
     with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
@@ -157,6 +161,50 @@ def test_unusable_sources_are_clear_errors(tmp_path):
         load_source(Source(empty, "hh"), seed=0)
     with pytest.raises(ValueError, match="'builtin' or 'builtin:<records>', got 'builtin:many'"):
         load_source(Source("builtin:many", "builtin"), seed=0)
+
+
+def test_malformed_json_lines_are_bad_rows_named_by_file_and_line(tmp_path):
+    """A broken line, bytes that are not UTF-8, or a line that is not an object: skipped, counted,
+    located by 1-based line, while the good rows load."""
+    path = tmp_path / "mixed.jsonl"
+    good = json.dumps({"prompt": "p", "chosen": " a", "rejected": " b"})
+    path.write_bytes(
+        b"\n".join(
+            [
+                good.encode(),
+                b'{"prompt": "p", "chosen": ',
+                good.encode(),
+                b"",
+                b'{"prompt": "caf\xe9", "chosen": " a", "rejected": " b"}',
+                b"[1, 2]",
+                good.encode(),
+            ]
+        )
+    )
+    records, report = load_source(Source(str(path), "rm-static"), seed=0)
+    assert len(records) == 3 and report.rows == 6 and report.bad_total == 3
+    assert report.examples == [
+        f"{path}:2: not valid JSON (Expecting value at column 27)",
+        f"{path}:5: not UTF-8 (byte 0xe9 at column 16)",
+        f"{path}:6: not a JSON object (got list)",
+    ]
+
+
+def test_json_arrays_name_the_line_of_a_bad_element_and_empty_files_are_errors(tmp_path):
+    array = tmp_path / "rows.json"
+    array.write_text(
+        '[\n  {"prompt": "p", "chosen": " a", "rejected": " b"},\n  {"prompt": "p", "chosen": 3, "rejected": " b"}\n]\n'
+    )
+    records, report = load_source(Source(str(array), "rm-static"), seed=0)
+    assert len(records) == 1 and report.examples == [f"{array}:3: 'chosen' is not a string (got int)"]
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n {"prompt": "p"},\n {"prompt": \n]')
+    with pytest.raises(ValueError, match=r"broken.json:4: not valid JSON"):
+        load_source(Source(str(broken), "rm-static"), seed=0)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=r"empty.jsonl: empty file"):
+        load_source(Source(str(empty), "rm-static"), seed=0)
 
 
 # ---------------------------------------------------------------- data_split
@@ -346,3 +394,16 @@ def test_each_process_gets_its_share_of_the_global_batch():
     assert np.concatenate(shares).tolist() == global_batches[0].tolist()
     with pytest.raises(ValueError, match="not divisible by process_count"):
         BatchIterator(arrays, batch_size=8, seed=1, process_count=3)
+
+
+def test_rows_left_with_nothing_to_learn_after_truncation_are_dropped_and_counted(tokenizer, capsys):
+    long_prompt = Record(PROMPT * 6, " apple.", " red.")
+    width = len(ids(tokenizer, PROMPT)) + 6
+    arrays = tokenize_sft([RECORD, RECORD, long_prompt], tokenizer, max_seq_len=width)
+    assert len(arrays["input_ids"]) == 2 and "dropped" not in arrays
+    assert "1 of 3 SFT rows had no response token left within max_seq_len" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"2 of 3 SFT rows had no response token left .* \(more than 50%\)"):
+        tokenize_sft([RECORD, long_prompt, long_prompt], tokenizer, max_seq_len=width)
+    pairs = tokenize_pairs([RECORD, RECORD, long_prompt], tokenizer, max_seq_len=width)
+    assert len(pairs["chosen_ids"]) == 2  # the long prompt's two sides became the same tokens
+    assert "1 of 3 preference-pair rows became identical" in capsys.readouterr().out

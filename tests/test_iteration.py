@@ -4,6 +4,7 @@ the critic, reports every phase, and depends only on the state and the iteration
 import jax
 import numpy as np
 import pytest
+from hf_fixtures import random_reward_model
 
 from jaxrlhf.config import load_config
 from jaxrlhf.metrics import MetricsLogger
@@ -25,23 +26,14 @@ SETTINGS = [
 ]
 
 
-def with_random_value_head(params, seed):
-    """The built-in checkpoint is a causal LM: its value head starts at zero, which scores every
-    answer 0 and makes every gradient vanish. A random head gives the iteration something to learn."""
-    kernel = params["value_head"]["kernel"]
-    kernel.set_value(jax.random.normal(jax.random.key(seed), kernel.get_value().shape))
-    return params
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp("iteration")
-    config = load_config([*SETTINGS, f"output_dir={out}", f"data.cache_dir={out / 'cache'}"])
+    reward_model = random_reward_model(str(out), str(out / "cache"))
+    roles = [f"ppo.critic_model.path={reward_model}", f"ppo.reward_model.path={reward_model}"]
+    config = load_config([*SETTINGS, *roles, f"output_dir={out}", f"data.cache_dir={out / 'cache'}"])
     ctx = RunContext(config, make_mesh(devices=jax.devices()[:1]), MetricsLogger(out, tensorboard=False))
-    run, state = prepare_run(ctx, task_hooks(config))
-    with_random_value_head(run.loop.reward_model.params, seed=1)
-    with_random_value_head(state.critic.params, seed=2)
-    return run, state
+    return prepare_run(ctx, task_hooks(config))
 
 
 def copy(state):

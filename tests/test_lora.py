@@ -62,7 +62,7 @@ def test_lora_trains_a_value_models_head(model_dir):
     from jaxrlhf.models import ValueModel
     from jaxrlhf.train_state import split_for_training
 
-    model = load_pretrained(model_dir, model_cls=ValueModel)
+    model = load_pretrained(model_dir, model_cls=ValueModel, untrained_head="zeros")
     apply_lora(model, rank=2, alpha=4.0, target_modules=["q_proj"])
     _, trainable, frozen = split_for_training(model, lora_rank=2)
     names = {".".join(path) for path, _ in nnx.to_flat_state(trainable)}

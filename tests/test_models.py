@@ -86,7 +86,7 @@ def test_value_model_exports_as_sequence_classification(model_dirs, name, tmp_pa
 
     from jaxrlhf.models import ValueModel
 
-    model = load_pretrained(model_dirs[name], model_cls=ValueModel)
+    model = load_pretrained(model_dirs[name], model_cls=ValueModel, untrained_head="zeros")
     ids, mask = padded_batch(LENGTHS, 12, left=False)
     assert np.all(np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))) == 0)
     head = model.value_head.kernel

@@ -92,3 +92,56 @@ def test_two_process_pipeline_runs_end_to_end(tmp_path):
     assert {"sft.eval_loss_end", "rm.eval_accuracy", "ppo.gold_reward_ppo", "ppo.kl_to_sft"} <= summary.keys()
     for role in ("sft/model", "rm/model", "ppo/actor", "ppo/critic"):
         assert os.path.exists(tmp_path / "run" / role / "model.safetensors"), role
+
+
+def test_a_dead_peer_stops_the_survivor_within_a_minute(tmp_path):
+    """Kill one of two processes mid-training: the other must not hang on a collective, but exit
+    non-zero within 60 s (the coordination service's heartbeat timeout, 30 s by default)."""
+    import signal
+    import time
+
+    port = str(free_port())
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+        JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+        PYTHONUNBUFFERED="1",
+    )
+    settings = [
+        f"output_dir={tmp_path / 'run'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.builtin_size=1000",
+        "steps=[sft]",
+        "sft.max_steps=100000",
+        "sft.batch_size=8",
+        "log_every=1",
+        "tensorboard=false",
+        "distributed.initialize=always",
+        f"distributed.coordinator_address=127.0.0.1:{port}",
+        "distributed.num_processes=2",
+    ]
+    logs = [open(tmp_path / f"process{i}.log", "w") for i in range(2)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "jaxrlhf.train", *settings, f"distributed.process_id={i}"],
+            env=env,
+            stdout=logs[i],
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
+    try:
+        deadline = time.time() + 300
+        while "[sft] step 2 " not in (tmp_path / "process0.log").read_text():  # both are training
+            assert time.time() < deadline and workers[0].poll() is None, (tmp_path / "process0.log").read_text()[-3000:]
+            time.sleep(1)
+        workers[1].send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        code = workers[0].wait(timeout=120)
+        assert time.time() - killed_at < 60 and code != 0, (code, time.time() - killed_at)
+    finally:
+        for worker in workers:
+            worker.kill()
+        for log in logs:
+            log.close()

@@ -7,6 +7,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from hf_fixtures import random_reward_model
 
 from jaxrlhf.config import load_config
 from jaxrlhf.metrics import MetricsLogger
@@ -35,9 +36,10 @@ TINY_PPO = [
 
 
 def run(tmp_path, name, mesh, *overrides):
-    config = load_config(
-        [*TINY_PPO, f"output_dir={tmp_path / name}", f"data.cache_dir={tmp_path / 'cache'}", *overrides]
-    )
+    cache = tmp_path / "cache"
+    reward_model = random_reward_model(str(tmp_path), str(cache))
+    roles = [f"ppo.critic_model.path={reward_model}", f"ppo.reward_model.path={reward_model}"]
+    config = load_config([*TINY_PPO, *roles, f"output_dir={tmp_path / name}", f"data.cache_dir={cache}", *overrides])
     logger = MetricsLogger(config.output_dir, tensorboard=False)
     try:
         summary = run_ppo(RunContext(config, mesh, logger), task_hooks(config))

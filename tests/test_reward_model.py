@@ -39,7 +39,7 @@ def pairs():
 
 
 def train(model_dir, loss_kind, mesh=None, steps=4):
-    model = load_pretrained(model_dir, mesh=mesh, rules=TRAINING_RULES, model_cls=ValueModel)
+    model = load_pretrained(model_dir, mesh=mesh, rules=TRAINING_RULES, model_cls=ValueModel, untrained_head="zeros")
     graphdef, params, frozen = split_for_training(model, 0)
     optimizer = make_optimizer(OPTIMIZER, total_steps=steps)
     state = init_train_state(params, frozen, optimizer)

@@ -93,7 +93,7 @@ def test_loss_falls_and_fsdp_matches_one_device(model_dir):
     state, sharded = run_steps(load_pretrained(model_dir, mesh=mesh, rules=TRAINING_RULES), 2, mesh=mesh)
     np.testing.assert_allclose(sharded, single, rtol=2e-5)
     q = state.params["decoder"]["layers"]["attn"]["q_proj"]["kernel"].get_value()
-    adam_mu = state.opt_state[1][0].mu["decoder"]["layers"]["attn"]["q_proj"]["kernel"].get_value()
+    adam_mu = state.opt_state.inner_state[1][0].mu["decoder"]["layers"]["attn"]["q_proj"]["kernel"].get_value()
     assert q.sharding.spec == adam_mu.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
 
 
@@ -136,3 +136,30 @@ def test_packed_rows_equal_separate_rows(model_dir):
     alone_second = model(jnp.asarray(second[None]), jnp.ones((1, 5), jnp.int32))[0]
     np.testing.assert_allclose(together[:7], alone_first, atol=1e-5)
     np.testing.assert_allclose(together[7:], alone_second, atol=1e-5)
+
+
+def test_a_non_finite_step_is_skipped_and_counted(model_dir):
+    """A batch whose loss overflows leaves the parameters and the optimizer state as they were;
+    the next good batch trains as usual, and the counts say what happened."""
+
+    def scaled_loss(model, batch):
+        loss, metrics = language_model_loss(model, batch)
+        return loss * batch["scale"][0], metrics
+
+    model = load_pretrained(model_dir)
+    graphdef, params, frozen = split_for_training(model, 0)
+    optimizer = make_optimizer(types.SimpleNamespace(**{**vars(OPTIMIZER), "warmup_steps": 0}), total_steps=10)
+    step = make_train_step(graphdef, scaled_loss, optimizer, num_microbatches=1)
+    state = init_train_state(params, frozen, optimizer)
+    batch = make_batch()
+    rows = len(batch["input_ids"])
+    good, bad = {**batch, "scale": np.ones(rows, np.float32)}, {**batch, "scale": np.full(rows, np.inf, np.float32)}
+    before = jax.tree.map(np.asarray, state.params)
+    state, metrics = step(state, bad)
+    assert not np.isfinite(float(metrics["loss"])) and int(metrics["bad_steps"]) == 1
+    assert int(metrics["consecutive_bad_steps"]) == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), before)  # not applied
+    state, metrics = step(state, good)
+    assert int(metrics["bad_steps"]) == 1 and int(metrics["consecutive_bad_steps"]) == 0
+    changed = jax.tree.map(lambda a, b: bool((np.asarray(a) != b).any()), state.params, before)
+    assert any(jax.tree.leaves(changed)) and all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))

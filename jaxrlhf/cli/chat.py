@@ -7,9 +7,9 @@ Long conversations keep their most recent tokens.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from jaxrlhf.cli.common import Parser, at_least, run_or_exit_2
 from jaxrlhf.generation.prompting import TextGenerator
 
 HUMAN, ASSISTANT = "\n\nHuman: ", "\n\nAssistant:"
@@ -27,30 +27,33 @@ def clean_answer(answer: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxrlhf.cli.chat", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m jaxrlhf.cli.chat", description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=64)
+    parser.add_argument("--temperature", type=at_least(0.0, float), default=1.0)
+    parser.add_argument("--top-k", type=at_least(0), default=0)
+    parser.add_argument("--top-p", type=at_least(0.0, float), default=1.0)
     parser.add_argument("--greedy", action="store_true")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--tensor-parallel", type=int, default=1)
+    parser.add_argument("--tensor-parallel", type=at_least(1), default=1)
     args = parser.parse_args(argv)
-    try:
-        generator = TextGenerator(
-            args.model_dir,
-            args.dtype,
-            args.tensor_parallel,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            greedy=args.greedy,
-        )
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    sampling = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        greedy=args.greedy,
+    )
+    generator = []
+    if run_or_exit_2(
+        lambda: generator.append(TextGenerator(args.model_dir, args.dtype, args.tensor_parallel, **sampling)) or 0
+    ):
         return 2
+    return converse(generator[0])
+
+
+def converse(generator) -> int:
+    """The conversation loop on stdin/stdout."""
     interactive = sys.stdin.isatty()
     history: list[tuple[str, str]] = []
     while True:

@@ -3,11 +3,11 @@ same prompts, side by side (DeepSpeed-Chat's prompt_eval.py)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
+from jaxrlhf.cli.common import Parser, at_least, run_or_exit_2
 from jaxrlhf.generation.prompting import TextGenerator
 
 DEFAULT_PROMPTS = [
@@ -36,25 +36,25 @@ def read_prompts(path: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxrlhf.cli.prompt_eval", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m jaxrlhf.cli.prompt_eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("baseline_dir")
     parser.add_argument("finetuned_dir")
     parser.add_argument("--prompts", help="a text file (one prompt per line) or .jsonl with a 'prompt' field")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=48)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
-    try:
+
+    def side_by_side() -> int:
         prompts = read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
         answers = [
             TextGenerator(path, args.dtype, max_new_tokens=args.max_new_tokens, greedy=True).answers(prompts)
             for path in (args.baseline_dir, args.finetuned_dir)
         ]
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    for prompt, baseline, finetuned in zip(prompts, *answers):
-        print(f"==== prompt: {prompt.strip()!r}\nbaseline:  {baseline.strip()}\nfinetuned: {finetuned.strip()}\n")
-    return 0
+        for prompt, baseline, finetuned in zip(prompts, *answers):
+            print(f"==== prompt: {prompt.strip()!r}\nbaseline:  {baseline.strip()}\nfinetuned: {finetuned.strip()}\n")
+        return 0
+
+    return run_or_exit_2(side_by_side)
 
 
 if __name__ == "__main__":

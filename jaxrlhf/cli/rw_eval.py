@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxrlhf.cli.common import Parser, at_least, run_or_exit_2
 from jaxrlhf.data.builtin import BUILTIN
 from jaxrlhf.data.records import Record
 from jaxrlhf.data.sources import LAYOUT_NAMES, load_source
@@ -27,13 +28,21 @@ EXAMPLES = [
 ]
 
 
-def score_pairs(model_dir: str, records: list[Record], max_seq_len: int = 512, batch_size: int = 16):
-    """(chosen scores, rejected scores or None) for the records, by the reward model at model_dir."""
+def score_pairs(
+    model_dir: str,
+    records: list[Record],
+    max_seq_len: int = 512,
+    batch_size: int = 16,
+    allow_untrained_head: bool = False,
+):
+    """(chosen scores, rejected scores or None) for the records, by the reward model at model_dir.
+    A causal LM (no trained score head) is refused unless `allow_untrained_head` (it then scores 0)."""
     tokenizer = load_tokenizer(model_dir)
-    graphdef, state = nnx.split(load_pretrained(model_dir, model_cls=ValueModel))
+    untrained_head = "warn" if allow_untrained_head else "refuse"
+    graphdef, state = nnx.split(load_pretrained(model_dir, model_cls=ValueModel, untrained_head=untrained_head))
     score = jax.jit(lambda state, ids, mask: sequence_scores(nnx.merge(graphdef, state)(ids, mask), mask))
     paired = [Record(r.prompt, r.chosen, r.rejected if r.rejected is not None else r.chosen) for r in records]
-    arrays = tokenize_pairs(paired, tokenizer, max_seq_len)
+    arrays = tokenize_pairs(paired, tokenizer, max_seq_len, drop_identical=False)  # single answers pair with themselves
     chosen, rejected = [], []
     for start in range(0, len(records), batch_size):
         rows = slice(start, start + batch_size)
@@ -55,33 +64,46 @@ def load_pairs_strict(path: str, layout: str) -> list[Record]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxrlhf.cli.rw_eval", description=__doc__.split("\n\n")[1])
+    parser = Parser(prog="python -m jaxrlhf.cli.rw_eval", description=__doc__.split("\n\n")[1])
     parser.add_argument("model_dir", help="a reward model directory (e.g. <output_dir>/rm/model)")
     parser.add_argument("--pairs", help="a file of preference pairs (.json, .jsonl, .parquet or a saved dataset)")
     parser.add_argument("--layout", default="rm-static", choices=[name for name in LAYOUT_NAMES if name != BUILTIN])
     parser.add_argument("--prompt", action="append", default=[], help="a prompt to score (with --response)")
     parser.add_argument("--response", action="append", default=[], help="the response to --prompt")
-    parser.add_argument("--max-seq-len", type=int, default=512)
+    parser.add_argument("--max-seq-len", type=at_least(2), default=512)
+    parser.add_argument(
+        "--allow-untrained-head",
+        action="store_true",
+        help="score with a model that has no trained score head (it scores 0), with a warning",
+    )
     args = parser.parse_args(argv)
-    try:
-        if len(args.prompt) != len(args.response):
-            raise ValueError("give --prompt and --response the same number of times")
-        if args.pairs:
-            records = load_pairs_strict(args.pairs, args.layout)
-            chosen, rejected = score_pairs(args.model_dir, records, args.max_seq_len)
-            print(
-                f"{len(records)} pairs from {args.pairs}: accuracy {np.mean(chosen > rejected):.4f}, "
-                f"chosen mean {chosen.mean():.4f}, rejected mean {rejected.mean():.4f}"
-            )
-            return 0
-        examples = list(zip(args.prompt, args.response)) or EXAMPLES
-        scores, _ = score_pairs(args.model_dir, [Record(p, r, None) for p, r in examples], args.max_seq_len)
-        for (prompt, response), value in zip(examples, scores):
-            print(f"{value:+.4f}  {prompt.strip()!r} -> {response!r}")
+    return run_or_exit_2(lambda: evaluate(args))
+
+
+def evaluate(args) -> int:
+    """Scores the pairs file (accuracy) or the given prompt/response examples."""
+    if len(args.prompt) != len(args.response):
+        raise ValueError("give --prompt and --response the same number of times")
+    if args.pairs:
+        records = load_pairs_strict(args.pairs, args.layout)
+        chosen, rejected = score_pairs(
+            args.model_dir, records, args.max_seq_len, allow_untrained_head=args.allow_untrained_head
+        )
+        print(
+            f"{len(records)} pairs from {args.pairs}: accuracy {np.mean(chosen > rejected):.4f}, "
+            f"chosen mean {chosen.mean():.4f}, rejected mean {rejected.mean():.4f}"
+        )
         return 0
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    examples = list(zip(args.prompt, args.response)) or EXAMPLES
+    scores, _ = score_pairs(
+        args.model_dir,
+        [Record(p, r, None) for p, r in examples],
+        args.max_seq_len,
+        allow_untrained_head=args.allow_untrained_head,
+    )
+    for (prompt, response), value in zip(examples, scores):
+        print(f"{value:+.4f}  {prompt.strip()!r} -> {response!r}")
+    return 0
 
 
 if __name__ == "__main__":

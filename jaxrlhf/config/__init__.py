@@ -3,7 +3,7 @@ presets (`presets`), loading from YAML and the command line (`loading`)."""
 
 from jaxrlhf.config.checks import ConfigError
 from jaxrlhf.config.loading import (
-    config_fingerprint,
+    changed_settings,
     config_yaml,
     load_config,
     main_config_or_exit,
@@ -42,7 +42,7 @@ __all__ = [
     "RunConfig",
     "SFTConfig",
     "SupervisedStepConfig",
-    "config_fingerprint",
+    "changed_settings",
     "config_yaml",
     "load_config",
     "main_config_or_exit",

@@ -11,7 +11,6 @@ line naming the dotted key; the entry point prints it and exits with code 2.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import sys
 import typing
@@ -68,9 +67,50 @@ def config_yaml(section: object) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(section))
 
 
-def config_fingerprint(section: object) -> str:
-    """A short hash of a config section, e.g. to refuse resuming a checkpoint made with other settings."""
-    return hashlib.sha256(config_yaml(section).encode()).hexdigest()[:16]
+# The settings that change what a step computes (so a checkpoint made under others must not be
+# continued with these), and the keys inside them that do not.
+RESULT_SECTIONS = {
+    "sft": ("seed", "data", "sft"),
+    "rm": ("seed", "data", "rm"),
+    "ppo": ("seed", "data", "generation", "ppo"),
+}
+NO_EFFECT_ON_RESULTS = (
+    "data.cache_dir",
+    "sft.eval_every",
+    "sft.eval_batches",
+    "rm.eval_every",
+    "rm.eval_batches",
+    "ppo.eval_prompts",
+)
+
+
+def step_settings(config_values: Mapping, step: str) -> dict[str, object]:
+    """The dotted keys and values of `config_values` (a RunConfig as a mapping) that change the
+    result of `step`."""
+    flat = {}
+
+    def walk(value, key):
+        if isinstance(value, Mapping):
+            for name, item in value.items():
+                walk(item, f"{key}.{name}" if key else str(name))
+        elif key not in NO_EFFECT_ON_RESULTS:
+            flat[key] = value
+
+    for section in RESULT_SECTIONS[step]:
+        walk({section: config_values.get(section)}, "")
+    return flat
+
+
+def changed_settings(saved_yaml: str, config: RunConfig, step: str) -> list[str]:
+    """`key: old -> new` for each result-affecting setting of `step` that differs between a saved
+    config (the YAML written when the step started) and `config`."""
+    old = step_settings(yaml.safe_load(saved_yaml) or {}, step)
+    new = step_settings(yaml.safe_load(config_yaml(config)), step)
+    return [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

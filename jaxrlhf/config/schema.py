@@ -6,6 +6,7 @@ before any work starts. Loading (YAML, presets, overrides) is in `jaxrlhf.config
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,8 +25,11 @@ class RunConfig:
     steps: list[Step] = field(default_factory=lambda: list(STEPS))
     output_dir: str = "runs/default"
     seed: int = 0
-    resume: Literal["auto", "always", "never"] = "auto"  # auto: from the latest checkpoint if there is one
+    # auto: from the latest checkpoint if there is one, refusing one made with other settings;
+    # always: the same, and a checkpoint must exist; never: start over; force: resume whatever changed
+    resume: Literal["auto", "always", "never", "force"] = "auto"
     log_every: int = 10  # optimizer steps between metric lines
+    max_bad_steps: int = 10  # optimizer steps in a row with a non-finite loss or gradient (skipped) before stopping
     tensorboard: bool = True
     mesh: MeshConfig = field(default_factory=MeshConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -44,7 +48,12 @@ class RunConfig:
             f"must be distinct and in pipeline order {', '.join(STEPS)}, got {', '.join(self.steps)}",
         )
         require(bool(self.output_dir), "output_dir", "is empty")
-        at_least(self, "", 1, "log_every")
+        require(
+            not os.path.exists(self.output_dir) or os.path.isdir(self.output_dir),
+            "output_dir",
+            f"{self.output_dir} exists and is not a directory",
+        )
+        at_least(self, "", 1, "log_every", "max_bad_steps")
         for section in ("mesh", "distributed", "data", "generation", "checkpoint", "sft", "rm"):
             getattr(self, section).validate(section)
         self.ppo.validate("ppo")

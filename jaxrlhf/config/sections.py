@@ -59,8 +59,12 @@ class DistributedConfig:
     coordinator_address: str | None = None  # host:port of process 0
     num_processes: int | None = None
     process_id: int | None = None
+    # A process that stops sending heartbeats this long is declared dead, and the others stop
+    # (non-zero exit) instead of waiting on a collective forever.
+    heartbeat_timeout_s: int = 30
 
     def validate(self, key: str) -> None:
+        at_least(self, key, 1, "heartbeat_timeout_s")
         if self.num_processes is not None:
             at_least(self, key, 1, "num_processes")
         if self.process_id is not None:
@@ -80,6 +84,9 @@ class ModelConfig:
     dtype: Dtype = "float32"  # compute dtype
     param_dtype: Dtype = "float32"  # storage dtype of the weights
     remat: Literal["none", "block"] = "none"  # "block": recompute each block in the backward pass
+    # A critic may deliberately start from a causal LM (its score head then starts at zero, with a
+    # warning); otherwise a value model without a trained head is refused.
+    allow_untrained_head: bool = False
 
     def validate(self, key: str) -> None:
         require(

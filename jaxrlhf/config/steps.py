@@ -98,9 +98,10 @@ class PPOConfig:
     """Step 3: PPO of the actor (from SFT) against the reward model, with a critic (from RM)."""
 
     # Model paths "" mean this run's outputs: the actor (and the frozen reference) start from SFT,
-    # the critic (and the frozen reward model) from RM.
+    # the critic and the frozen reward model from RM.
     actor_model: ModelConfig = field(default_factory=lambda: ModelConfig(path=PREVIOUS_STAGE))
     critic_model: ModelConfig = field(default_factory=lambda: ModelConfig(path=PREVIOUS_STAGE))
+    reward_model: ModelConfig = field(default_factory=lambda: ModelConfig(path=PREVIOUS_STAGE))
     actor_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(learning_rate=1e-4))
     critic_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(learning_rate=5e-4))
     actor_lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -136,7 +137,7 @@ class PPOConfig:
 
     def validate(self, key: str) -> None:
         require(self.preset in PRESETS, f"{key}.preset", f"{self.preset!r} is not one of {', '.join(PRESETS)}")
-        for section in ("actor_model", "critic_model"):
+        for section in ("actor_model", "critic_model", "reward_model"):
             getattr(self, section).validate(f"{key}.{section}")
         for section in ("actor_optimizer", "critic_optimizer"):
             getattr(self, section).validate(f"{key}.{section}")
@@ -174,4 +175,10 @@ class PPOConfig:
             self.prompts_per_iteration % self.num_minibatches == 0,
             f"{key}.num_minibatches",
             f"{self.num_minibatches} does not divide prompts_per_iteration={self.prompts_per_iteration}",
+        )
+        require(
+            self.short_answer == "penalize" or self.max_answer_seq_len >= 2,
+            f"{key}.max_answer_seq_len",
+            f"is {self.max_answer_seq_len}, but answers of one token or less are dropped (short_answer=drop): "
+            "every answer would be dropped",
         )

@@ -1,18 +1,21 @@
 """Read DeepSpeed-Chat's dataset layouts from local files into normalized `Record`s.
 
 A source is any object with `path: str`, `layout: str` and `weight: float` (the config's
-`DataSourceConfig`). Files are read through the `datasets` library: .json, .jsonl, .parquet,
-or a directory written by `Dataset.save_to_disk` (a saved `DatasetDict` contributes its
-"train" split). Text formats follow DeepSpeed-Chat's raw_datasets.py: prompts end in
-"Assistant:" and responses start with a space.
+`DataSourceConfig`). JSON Lines (.jsonl, or .json with an object per line) and JSON arrays
+(.json) are read line by line; .parquet files and directories written by `Dataset.save_to_disk`
+(a saved `DatasetDict` contributes its "train" split) through the `datasets` library. Text
+formats follow DeepSpeed-Chat's raw_datasets.py: prompts end in "Assistant:" and responses
+start with a space.
 
-Rows that cannot become a record (missing or null field, empty text, wrong type) are skipped
-and counted in a `BadRecordReport`; webgpt ties are dropped and counted separately.
+Rows that cannot become a record (malformed JSON, bytes that are not UTF-8, a missing or null
+field, empty text, a wrong type) are skipped and counted in a `BadRecordReport` with their
+1-based line; webgpt ties are dropped and counted separately. A file with no valid row is an error.
 """
 
+import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -128,22 +131,72 @@ LAYOUTS = {
 LAYOUT_NAMES = (*LAYOUTS, BUILTIN)  # every value a source's `layout` may take
 
 
-def _read_table(path: str) -> datasets.Dataset:
-    datasets.disable_progress_bars()  # our own report says what was read; keep stderr for errors
+def _rows(path: str) -> Iterator[tuple[int, dict | BadRecord]]:
+    """Each row of a file as (its 1-based line or row number, the row as a dict, or why it is
+    not one). JSON Lines (.jsonl, or .json holding one object per line) is read line by line, so
+    a malformed line or one that is not UTF-8 is a bad row named by its line, not a failed load."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"data source not found: {path}")
+    if os.path.isdir(path) or path.endswith(".parquet"):
+        yield from enumerate(_read_table(path), start=1)
+        return
+    if not path.endswith((".json", ".jsonl")):
+        raise ValueError(f"{path}: unsupported file type; use .json, .jsonl, .parquet or a save_to_disk directory")
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.strip():
+        raise ValueError(f"{path}: empty file")
+    if path.endswith(".json") and data.lstrip()[:1] == b"[":
+        yield from _json_array_rows(path, data)
+        return
+    for number, line in enumerate(data.splitlines(), start=1):
+        if line.strip():
+            yield number, _json_object(line)
+
+
+def _json_object(line: bytes) -> dict | BadRecord:
+    try:
+        value = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        return BadRecord(f"not UTF-8 (byte {line[error.start]:#04x} at column {error.start + 1})")
+    except json.JSONDecodeError as error:
+        return BadRecord(f"not valid JSON ({error.msg} at column {error.colno})")
+    return value if isinstance(value, dict) else BadRecord(f"not a JSON object (got {type(value).__name__})")
+
+
+def _json_array_rows(path: str, data: bytes) -> Iterator[tuple[int, dict | BadRecord]]:
+    """The objects of a JSON array, each with the line it starts on; a syntax error ends the file."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 (byte {data[error.start]:#04x})") from None
+    decoder, position = json.JSONDecoder(), text.index("[") + 1
+    while True:
+        while position < len(text) and text[position] in " \t\r\n,":
+            position += 1
+        if position >= len(text) or text[position] == "]":
+            return
+        line = text.count("\n", 0, position) + 1
+        try:
+            value, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+        yield line, value if isinstance(value, dict) else BadRecord(f"not a JSON object (got {type(value).__name__})")
+
+
+def _read_table(path: str) -> Iterator[dict]:
+    """The rows of a parquet file or a save_to_disk directory (its "train" split)."""
+    datasets.disable_progress_bars()  # our own report says what was read; keep stderr for errors
     if os.path.isdir(path):
         table = datasets.load_from_disk(path)
         if isinstance(table, datasets.DatasetDict):
             if "train" not in table:
                 raise ValueError(f"{path}: saved DatasetDict has no 'train' split ({list(table)})")
             table = table["train"]
-        return table
-    if path.endswith((".json", ".jsonl")):
-        return datasets.load_dataset("json", data_files=path, split="train")
-    if path.endswith(".parquet"):
-        return datasets.load_dataset("parquet", data_files=path, split="train")
-    raise ValueError(f"{path}: unsupported file type; use .json, .jsonl, .parquet or a save_to_disk directory")
+    else:
+        table = datasets.load_dataset("parquet", data_files=path, split="train")
+    return iter(table)
 
 
 def _builtin_size(path: str) -> int:
@@ -167,20 +220,16 @@ def load_source(source: DataSource, seed: int) -> tuple[list[Record], BadRecordR
     if source.layout not in LAYOUTS:
         raise ValueError(f"unknown data layout {source.layout!r}; valid layouts: {', '.join(LAYOUT_NAMES)}")
     layout = LAYOUTS[source.layout]
-    table = _read_table(source.path)
-    missing = [column for column in layout.columns if column not in table.column_names]
-    if missing:
-        raise ValueError(f"{source.path}: layout {source.layout!r} needs columns {layout.columns}, missing {missing}")
-
-    columns = table.select_columns(list(layout.columns)).to_dict()  # {column: [value per row]}
-    rows = (dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True))
-    report = BadRecordReport(rows=len(table))
+    report = BadRecordReport()
     records = []
-    for row_index, row in enumerate(rows):
+    for number, row in _rows(source.path):
+        report.rows += 1
         try:
+            if isinstance(row, BadRecord):
+                raise row
             record = layout.parse(row)
         except BadRecord as bad:
-            report.add_bad(source.path, row_index, str(bad))
+            report.add_bad(source.path, number, str(bad))
             continue
         if record is None:
             report.ties_dropped += 1
@@ -188,5 +237,8 @@ def load_source(source: DataSource, seed: int) -> tuple[list[Record], BadRecordR
             records.append(record)
     report.kept = len(records)
     if not records:
-        raise ValueError(f"{source.path}: no valid record for layout {source.layout!r}\n{report}")
+        raise ValueError(
+            f"{source.path}: no valid record for layout {source.layout!r} "
+            f"(fields {', '.join(layout.columns)}): {report}"
+        )
     return records, report

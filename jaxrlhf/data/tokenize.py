@@ -73,6 +73,23 @@ def _check_records(records: Sequence[Record]) -> None:
         raise ValueError("no records to tokenize")
 
 
+# Rows left with nothing to learn after truncation are dropped; more than this share is an error.
+MAX_DROPPED_FRACTION = 0.5
+
+
+def _count_dropped(arrays: dict[str, np.ndarray], total: int, kind: str, why: str, max_dropped: float):
+    """Pops the cached drop count, reports it, and refuses a set where too much was dropped."""
+    dropped = int(arrays.pop("dropped", np.zeros(1))[0])  # caches written before drops were counted lack it
+    if dropped and dropped > max_dropped * total:
+        raise ValueError(
+            f"{dropped} of {total} {kind} rows {why} (more than {max_dropped:.0%}): raise max_seq_len "
+            "or shorten the prompts"
+        )
+    if dropped:
+        print(f"[data] {dropped} of {total} {kind} rows {why}: dropped", flush=True)
+    return arrays
+
+
 def _check_width(name: str, width: int) -> None:
     if width < 1:
         raise ValueError(f"{name} must be positive, got {width}")
@@ -131,13 +148,15 @@ def tokenize_sft(
     loss_on: str = "response",
     pack: bool = False,
     cache_dir: str | None = None,
+    max_dropped: float = MAX_DROPPED_FRACTION,
 ) -> dict[str, np.ndarray]:
     """SFT rows: prompt + chosen + EOS, cut to `max_seq_len` (keeping the start).
 
     Returns int32 {input_ids, attention_mask, loss_mask}, each [rows, max_seq_len], right
     padded. loss_mask is 1 on the tokens to predict: the response and its EOS with
     loss_on="response", every non-pad token with loss_on="all" (DeepSpeed-Chat's choice).
-    A row whose response was cut away entirely keeps an all-zero loss_mask.
+    A row whose response was cut away entirely (a prompt of max_seq_len tokens or more) has
+    nothing to learn: it is dropped and counted, and more than `max_dropped` of them is an error.
     With `pack=True` several examples share a row and `segment_ids`, `positions` are added
     (see `_packed`).
     """
@@ -159,10 +178,14 @@ def tokenize_sft(
                 targets = [1] * len(ids)
             else:
                 targets = [0] * (len(prefix) + len(prompt)) + [1] * (len(response) + 1)
-            examples.append((ids[:max_seq_len], targets[:max_seq_len]))
-        return _packed(examples, max_seq_len, pad) if pack else _right_padded(examples, max_seq_len, pad)
+            if any(targets[:max_seq_len]):
+                examples.append((ids[:max_seq_len], targets[:max_seq_len]))
+        arrays = _packed(examples, max_seq_len, pad) if pack else _right_padded(examples, max_seq_len, pad)
+        return {**arrays, "dropped": np.array([len(records) - len(examples)])}
 
-    return cached_arrays(cache_dir, "sft", _cache_key("sft", records, tokenizer, settings), build)
+    arrays = cached_arrays(cache_dir, "sft", _cache_key("sft", records, tokenizer, settings), build)
+    why = f"had no response token left within max_seq_len={max_seq_len}"
+    return _count_dropped(arrays, len(records), "SFT" if loss_on == "response" else "text", why, max_dropped)
 
 
 def tokenize_pretraining(
@@ -174,12 +197,19 @@ def tokenize_pretraining(
 
 
 def tokenize_pairs(
-    records: Sequence[Record], tokenizer, max_seq_len: int, cache_dir: str | None = None
+    records: Sequence[Record],
+    tokenizer,
+    max_seq_len: int,
+    cache_dir: str | None = None,
+    max_dropped: float = MAX_DROPPED_FRACTION,
+    drop_identical: bool = True,
 ) -> dict[str, np.ndarray]:
     """Reward-model pairs: prompt + chosen + EOS and prompt + rejected + EOS.
 
     Returns int32 {chosen_ids, chosen_mask, rejected_ids, rejected_mask}, each
-    [pairs, max_seq_len], right padded and cut to `max_seq_len` (keeping the start).
+    [pairs, max_seq_len], right padded and cut to `max_seq_len` (keeping the start). A pair whose
+    two sides are the same after the cut compares nothing: it is dropped and counted, and more
+    than `max_dropped` of them is an error.
     """
     _check_records(records)
     for index, record in enumerate(records):
@@ -188,23 +218,29 @@ def tokenize_pairs(
     _check_width("max_seq_len", max_seq_len)
     eos, pad = _eos_and_pad(tokenizer)
     prefix = _leading_special_ids(tokenizer)
-    settings = {"max_seq_len": max_seq_len}
+    settings = {"max_seq_len": max_seq_len, "drop_identical": drop_identical}
 
     def build() -> dict[str, np.ndarray]:
         prompts = _encode(tokenizer, [record.prompt for record in records])
-        arrays = {}
+        sides = {}
         for side in ("chosen", "rejected"):
             responses = _encode(tokenizer, [getattr(record, side) for record in records])
-            examples = []
-            for prompt, response in zip(prompts, responses, strict=True):
-                ids = (prefix + prompt + response + [eos])[:max_seq_len]
-                examples.append((ids, [1] * len(ids)))
-            rows = _right_padded(examples, max_seq_len, pad)
-            arrays[f"{side}_ids"] = rows["input_ids"]
-            arrays[f"{side}_mask"] = rows["attention_mask"]
+            sides[side] = [
+                (prefix + prompt + response + [eos])[:max_seq_len]
+                for prompt, response in zip(prompts, responses, strict=True)
+            ]
+        kept = [
+            row for row in range(len(records)) if not drop_identical or sides["chosen"][row] != sides["rejected"][row]
+        ]
+        arrays = {"dropped": np.array([len(records) - len(kept)])}
+        for side, rows in sides.items():
+            padded = _right_padded([(rows[row], [1] * len(rows[row])) for row in kept], max_seq_len, pad)
+            arrays[f"{side}_ids"], arrays[f"{side}_mask"] = padded["input_ids"], padded["attention_mask"]
         return arrays
 
-    return cached_arrays(cache_dir, "pairs", _cache_key("pairs", records, tokenizer, settings), build)
+    arrays = cached_arrays(cache_dir, "pairs", _cache_key("pairs", records, tokenizer, settings), build)
+    why = f"became identical when cut to max_seq_len={max_seq_len}"
+    return _count_dropped(arrays, len(records), "preference-pair", why, max_dropped)
 
 
 def tokenize_prompts(

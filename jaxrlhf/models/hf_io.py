@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from jaxrlhf.checkpoint import NonFiniteValues
 from jaxrlhf.models.config import LLAMA_FAMILY, DecoderConfig
 from jaxrlhf.models.decoder import CausalLM, ValueModel
 from jaxrlhf.models.layers import LoraParam
@@ -111,8 +112,14 @@ def read_hf_config(path: str) -> dict:
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path}: missing (not a Hugging Face model directory)")
-    with open(config_path) as f:
-        return json.load(f)
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path}: not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: must hold a JSON object, not a {type(config).__name__}")
+    return config
 
 
 def load_pretrained(
@@ -123,13 +130,25 @@ def load_pretrained(
     param_dtype: str = "float32",
     remat: str = "none",
     model_cls=CausalLM,
+    untrained_head: str = "refuse",
 ):
     """Loads a Hugging Face directory into `model_cls` (CausalLM, or ValueModel for a reward model
     or critic), sharded over `mesh` by `rules` (on one device without a mesh). Raises a one-line
     error naming a missing file, an unsupported model_type, or a missing or mis-shaped tensor,
-    before any tensor is placed. A value head the checkpoint lacks starts at zero."""
+    before any tensor is placed. A value head the checkpoint lacks (a causal LM loaded as a value
+    model) is refused, or starts at zero with `untrained_head` "zeros" (the reward-model step,
+    which trains it) or "warn" (a critic deliberately started from a language model)."""
     config = DecoderConfig.from_hf(read_hf_config(path), dtype=dtype, param_dtype=param_dtype, remat=remat)
     refs = index_checkpoint(path)
+    head = hf_tensor_name(("value_head", "kernel"), config.model_type)
+    if model_cls is ValueModel and head not in refs:
+        if untrained_head == "refuse":
+            raise ValueError(
+                f"{path}: no trained score head ({head}): a causal LM, not a reward model or critic; "
+                "train one with steps=[rm], or allow_untrained_head for a critic started from a language model"
+            )
+        if untrained_head == "warn":
+            print(f"warning: {path} has no score head ({head}): the value head starts at zero", flush=True)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_cls(config, nnx.Rngs(0))))
     shardings = state_shardings(abstract, rules, mesh) if mesh is not None else None
     flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
@@ -212,6 +231,8 @@ def save_pretrained(model, path: str, dtype: str | None = None, extra_config: di
             value = to_host(_module_at(model, param_path[:-1]).merged_kernel())
         else:
             value = to_host(variable.get_value())
+        if not np.isfinite(value).all():
+            raise NonFiniteValues(f"refusing to export {path}: {'.'.join(map(str, param_path))} holds a NaN or inf")
         stacked = param_path[:2] == ("decoder", "layers")
         name = hf_tensor_name(param_path, config.model_type)
         layout = _kernel_layout(param_path, value.shape[1:] if stacked else value.shape)

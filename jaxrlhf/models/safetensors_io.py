@@ -47,10 +47,21 @@ class TensorRef:
 
 
 def read_header(path: str) -> dict[str, TensorRef]:
+    """Every tensor of one safetensors file; a damaged or truncated file is an error naming it."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
+        prefix = f.read(8)
+        header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
+        if header_len is None or 8 + header_len > size:
+            raise ValueError(f"{path}: not a safetensors file, or truncated (its header is cut off)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path}: damaged safetensors header ({error})") from None
     base = 8 + header_len
+    end = max((info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"), default=0)
+    if base + end > size:
+        raise ValueError(f"{path}: truncated: its tensors need {base + end} bytes, the file has {size}")
     refs = {}
     for name, info in header.items():
         if name == "__metadata__":

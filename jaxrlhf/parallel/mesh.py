@@ -49,11 +49,13 @@ def maybe_initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    heartbeat_timeout_s: int = 30,
 ) -> bool:
     """Starts JAX's multi-controller runtime when asked, or ("auto") when a cluster launcher is seen.
 
     Must run before anything touches a device. Unset arguments are auto-detected by JAX from
-    SLURM, Kubernetes (JobSet) or TPU pod environments. Returns whether it initialized.
+    SLURM, Kubernetes (JobSet) or TPU pod environments. A process silent for `heartbeat_timeout_s`
+    is declared dead and the coordination service stops the others. Returns whether it initialized.
     """
     if mode not in ("auto", "always", "never"):
         raise ValueError(f"distributed.initialize must be auto, always or never, not {mode!r}")
@@ -63,7 +65,10 @@ def maybe_initialize_distributed(
     if mode == "auto" and os.environ.get("SLURM_NTASKS", "2") == "1" and coordinator_address is None:
         return False  # a single-task SLURM allocation needs no coordinator
     jax.distributed.initialize(
-        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        heartbeat_timeout_seconds=heartbeat_timeout_s,
     )
     log.info(
         "jax.distributed: process %d of %d, %d local / %d global devices",

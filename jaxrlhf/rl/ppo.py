@@ -31,10 +31,10 @@ from jaxrlhf.parallel.mesh import to_host
 from jaxrlhf.rl.experience import RewardSettings, make_experience_fn
 from jaxrlhf.rl.iteration import PPOLoop, merged_models, run_iteration
 from jaxrlhf.rl.ppo_math import adaptive_kl_update
-from jaxrlhf.rl.roles import RoleGraphs, load_model
+from jaxrlhf.rl.roles import RoleGraphs, load_roles
 from jaxrlhf.rl.update import PPOState, UpdateSettings, make_ppo_update
 from jaxrlhf.run_context import RunContext
-from jaxrlhf.train_state import init_train_state, make_optimizer
+from jaxrlhf.train_state import check_bad_steps, init_train_state, make_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +72,7 @@ def run_ppo(ctx: RunContext, hooks: TaskHooks = TaskHooks()) -> dict[str, float]
     checkpointer, latest = ctx.open_checkpoints("ppo")
     kl_coef, start = ppo.kl_coef, 0
     if latest is not None:
-        restored, metadata = checkpointer.restore(state.checkpoint_tree())
+        _, restored, metadata = checkpointer.restore_latest(state.checkpoint_tree())
         state = state.restored(restored)
         run.loop.prompts.position = BatchPosition(**metadata["position"])
         if run.loop.ptx_rows is not None:
@@ -88,6 +88,10 @@ def run_ppo(ctx: RunContext, hooks: TaskHooks = TaskHooks()) -> dict[str, float]
         with CompileCounter() as compiles:
             state, stats = run_iteration(run.loop, state, iteration, kl_coef)
         stats["compiles"] = compiles.count  # 0 after the first iteration: nothing recompiles
+        check_bad_steps(
+            stats, ctx.config.max_bad_steps, f"[ppo] iteration {iteration + 1}", checkpointer.describe_latest()
+        )
+        require_kept_rows(stats, iteration + 1)
         if ppo.adaptive_kl:
             kl_coef = float(
                 adaptive_kl_update(
@@ -121,9 +125,8 @@ def prepare_run(ctx: RunContext, hooks: TaskHooks) -> tuple[PPORun, PPOState]:
     """Loads the prompts and the four roles, builds the optimizers, the jitted functions and the
     iterators: everything the loop needs, and the initial training state."""
     config, ppo = ctx.config, ctx.config.ppo
-    actor_path = ctx.model_path(ppo.actor_model.path, previous_step="sft")
-    critic_path = ctx.model_path(ppo.critic_model.path, previous_step="rm")
-    tokenizer = load_tokenizer(actor_path)
+    roles = load_roles(ctx)
+    tokenizer = load_tokenizer(roles.sources["actor"])
     data = ctx.step_data("ppo")
     train_prompts, _ = tokenize_prompts(
         data.train, tokenizer, ppo.max_prompt_seq_len, ppo.long_prompt, cache_dir=ctx.cache_dir
@@ -134,16 +137,8 @@ def prepare_run(ctx: RunContext, hooks: TaskHooks) -> tuple[PPORun, PPOState]:
         flush=True,
     )
 
-    actor = load_model(ctx, actor_path, ppo.actor_model, ppo.actor_lora)
-    reference = None if ppo.actor_lora.rank > 0 else load_model(ctx, actor_path, ppo.actor_model)
-    critic = load_model(ctx, critic_path, ppo.critic_model, ppo.critic_lora, value_head=True)
-    reward_model = load_model(ctx, critic_path, ppo.critic_model, value_head=True)
-    graphs = RoleGraphs(
-        actor=actor.graphdef,
-        reference=(reference or actor).graphdef,
-        critic=critic.graphdef,
-        reward_model=reward_model.graphdef,
-    )
+    actor, reference, critic, reward_model = roles.actor, roles.reference, roles.critic, roles.reward_model
+    graphs = roles.graphs()
     sizes = {"actor": count_params(actor.states), "critic": count_params(critic.states)}
     updates_total = max(ppo.num_iterations * ppo.ppo_epochs * ppo.num_minibatches, 1)
     actor_optimizer = make_optimizer(ppo.actor_optimizer, updates_total)
@@ -181,8 +176,7 @@ def prepare_run(ctx: RunContext, hooks: TaskHooks) -> tuple[PPORun, PPOState]:
         prompt_len=ppo.max_prompt_seq_len,
         sizes=sizes,
     )
-    sources = {"actor": actor_path, "actor_ema": actor_path, "critic": critic_path, "reward_model": critic_path}
-    run = PPORun(loop=loop, graphs=graphs, tokenizer=tokenizer, sources=sources, held_out=held_out, hooks=hooks)
+    run = PPORun(loop=loop, graphs=graphs, tokenizer=tokenizer, sources=roles.sources, held_out=held_out, hooks=hooks)
     return run, state
 
 
@@ -298,6 +292,16 @@ def summary_values(sft_eval: dict, ppo_eval: dict) -> dict[str, float]:
             }
         )
     return summary
+
+
+def require_kept_rows(stats: dict, iteration: int) -> None:
+    """Stops a run that trains on nothing: every answer of the iteration was dropped."""
+    if stats["kept_fraction"] == 0:
+        raise ValueError(
+            f"[ppo] iteration {iteration}: every answer was dropped (answers of one token or less are dropped), "
+            "so nothing trains; raise ppo.max_answer_seq_len or generation.min_new_tokens, or set "
+            "ppo.short_answer=penalize"
+        )
 
 
 def without_sample(evaluation: dict) -> dict:

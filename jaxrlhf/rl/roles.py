@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrlhf.preflight import check_sequence_fits
 from jaxrlhf.train_state import split_for_training
 
 
@@ -58,6 +59,48 @@ def load_model(ctx, path: str, model_config, lora=None, value_head: bool = False
     model = ctx.load_model(path, model_config, lora, value_head)
     graphdef, params, frozen = split_for_training(model, lora.rank if lora is not None else 0)
     return LoadedModel(graphdef, ModelStates(params, frozen))
+
+
+@dataclasses.dataclass
+class LoadedRoles:
+    """The four roles just loaded, and where each one's weights, config and tokenizer come from."""
+
+    actor: LoadedModel
+    reference: LoadedModel | None  # None: the actor's own base with adapters off (LoRA)
+    critic: LoadedModel
+    reward_model: LoadedModel
+    sources: dict[str, str]
+
+    def graphs(self) -> RoleGraphs:
+        return RoleGraphs(
+            actor=self.actor.graphdef,
+            reference=(self.reference or self.actor).graphdef,
+            critic=self.critic.graphdef,
+            reward_model=self.reward_model.graphdef,
+        )
+
+
+def load_roles(ctx) -> LoadedRoles:
+    """The actor (and its reference) from SFT, the critic and the reward model from RM, unless
+    configured otherwise; each checked first against the longest rollout."""
+    ppo = ctx.config.ppo
+    configs = {
+        "actor": (ppo.actor_model, "sft"),
+        "critic": (ppo.critic_model, "rm"),
+        "reward_model": (ppo.reward_model, "rm"),
+    }
+    sources = {role: ctx.model_path(model.path, previous_step=step) for role, (model, step) in configs.items()}
+    for path in sources.values():
+        check_sequence_fits(
+            path, ppo.max_prompt_seq_len + ppo.max_answer_seq_len, "ppo.max_prompt_seq_len + max_answer_seq_len"
+        )
+    return LoadedRoles(
+        actor=load_model(ctx, sources["actor"], ppo.actor_model, ppo.actor_lora),
+        reference=None if ppo.actor_lora.rank > 0 else load_model(ctx, sources["actor"], ppo.actor_model),
+        critic=load_model(ctx, sources["critic"], ppo.critic_model, ppo.critic_lora, value_head=True),
+        reward_model=load_model(ctx, sources["reward_model"], ppo.reward_model, value_head=True),
+        sources={**sources, "actor_ema": sources["actor"]},
+    )
 
 
 def adapters_off(params: nnx.State) -> nnx.State:

@@ -19,7 +19,13 @@ from jaxrlhf.models.outputs import next_token_logprobs
 from jaxrlhf.rl.experience import Experience
 from jaxrlhf.rl.ppo_math import actor_loss, entropy_from_logits, value_loss
 from jaxrlhf.steps.losses import language_model_loss
-from jaxrlhf.train_state import TrainState, accumulate_gradients, global_norm
+from jaxrlhf.train_state import (
+    TrainState,
+    accumulate_gradients,
+    bad_step_counts,
+    global_norm,
+    poisoned_if_loss_not_finite,
+)
 
 
 @jax.tree_util.register_dataclass
@@ -102,14 +108,15 @@ def make_ppo_update(actor_graphdef, critic_graphdef, actor_optimizer, critic_opt
     accumulate = settings.grad_accum_steps
 
     def minibatch_step(state: PPOState, batch):
-        _, actor_grads, actor_metrics = accumulate_gradients(
+        actor_loss, actor_grads, actor_metrics = accumulate_gradients(
             actor_loss_fn, actor_graphdef, state.actor.params, state.actor.frozen, batch, accumulate
         )
-        _, critic_grads, critic_metrics = accumulate_gradients(
+        critic_loss, critic_grads, critic_metrics = accumulate_gradients(
             critic_loss_fn, critic_graphdef, state.critic.params, state.critic.frozen, batch, accumulate
         )
-        actor = state.actor.apply_gradients(actor_grads, actor_optimizer)
-        critic = state.critic.apply_gradients(critic_grads, critic_optimizer)
+        # the non-finite guard skips a role's step whose loss or gradient is not finite
+        actor = state.actor.apply_gradients(poisoned_if_loss_not_finite(actor_grads, actor_loss), actor_optimizer)
+        critic = state.critic.apply_gradients(poisoned_if_loss_not_finite(critic_grads, critic_loss), critic_optimizer)
         ema = state.ema
         if ema is not None:
             decay = settings.ema_decay
@@ -136,6 +143,10 @@ def make_ppo_update(actor_graphdef, critic_graphdef, actor_optimizer, critic_opt
     def update(state: PPOState, experience: Experience, ptx, key):
         keys = jax.random.split(key, settings.ppo_epochs)
         state, metrics = jax.lax.scan(lambda s, k: epoch(s, (k, experience, ptx)), state, keys)
-        return state, jax.tree.map(jnp.mean, metrics)
+        metrics = jax.tree.map(jnp.mean, metrics)  # over epochs and minibatches
+        for role in ("actor", "critic"):
+            counts = bad_step_counts(getattr(state, role).opt_state)
+            metrics.update({f"{role}_{name}": count for name, count in counts.items()})
+        return state, metrics
 
     return update

@@ -19,9 +19,11 @@ from jaxrlhf.checkpoint import maybe_kill_after_checkpoint
 from jaxrlhf.data.batches import BatchIterator, BatchPosition
 from jaxrlhf.metrics import count_params, progress, throughput, training_flops_per_token
 from jaxrlhf.models import export_model, load_tokenizer
+from jaxrlhf.preflight import check_sequence_fits
 from jaxrlhf.run_context import RunContext
 from jaxrlhf.train_state import (
     LossFn,
+    check_bad_steps,
     init_train_state,
     learning_rate_schedule,
     make_eval_step,
@@ -53,7 +55,10 @@ def run_supervised(ctx: RunContext, job: SupervisedJob) -> tuple[dict, dict]:
     data = ctx.step_data(job.name)
     print(f"[{job.name}] {len(data.train)} train / {len(data.eval)} eval records; {data.report}", flush=True)
     train_arrays, eval_arrays = job.tokenize(data.train, tokenizer), job.tokenize(data.eval, tokenizer)
-    model = ctx.load_model(model_path, job.stage.model, job.stage.lora, value_head=job.value_head)
+    check_sequence_fits(model_path, job.stage.max_seq_len, f"{job.name}.max_seq_len")
+    model = ctx.load_model(
+        model_path, job.stage.model, job.stage.lora, value_head=job.value_head, new_head=job.value_head
+    )
     model, first, last = train_supervised(ctx, job, model, train_arrays, eval_arrays)
     export_model(model, ctx.step_dir(job.name, "model"), model_path)
     return first, last
@@ -110,7 +115,7 @@ def train_supervised(ctx: RunContext, job: SupervisedJob, model: nnx.Module, tra
     )
     start = 0
     if latest is not None:
-        restored, metadata = checkpointer.restore(state.checkpoint_tree())
+        _, restored, metadata = checkpointer.restore_latest(state.checkpoint_tree())
         state = state.restored(restored)
         iterator.position = BatchPosition(**metadata["position"])
         start, first_eval = int(restored["step"]), metadata["first_eval"]
@@ -138,6 +143,7 @@ def train_supervised(ctx: RunContext, job: SupervisedJob, model: nnx.Module, tra
             metrics.update(throughput(tokens, elapsed, flops_per_token))
             metrics["learning_rate"] = float(schedule(step))
             ctx.logger.log(done, metrics, prefix=job.name)
+            check_bad_steps(metrics, config.max_bad_steps, f"[{job.name}] step {done}", checkpointer.describe_latest())
             tokens, clock = 0, time.perf_counter()
         if stage.eval_every and done % stage.eval_every == 0 and done != steps:
             ctx.logger.log(done, evaluate_now(), prefix=f"{job.name}/eval")
