@@ -90,11 +90,9 @@ def model_lengths(ctx: RunContext) -> list[tuple[str, str, str | None, int]]:
     if "ppo" in config.steps:
         length = config.ppo.max_prompt_seq_len + config.ppo.max_answer_seq_len
         key = "ppo.max_prompt_seq_len + max_answer_seq_len"
-        rows += [
-            (key, config.ppo.actor_model.path, "sft", length),
-            (key, config.ppo.critic_model.path, "rm", length),
-            (key, config.ppo.reward_model.path, "rm", length),
-        ]
+        rows += [(key, config.ppo.actor_model.path, "sft", length), (key, config.ppo.critic_model.path, "rm", length)]
+        if config.ppo.reward_model.path != PREVIOUS_STAGE:  # "" is the critic's path
+            rows.append((key, config.ppo.reward_model.path, "rm", length))
     return rows
 
 

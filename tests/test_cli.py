@@ -82,4 +82,4 @@ def test_rw_eval_names_the_malformed_row(reward_model_dir, tmp_path, bad_row):
     result = cli("jaxrlhf.cli.rw_eval", reward_model_dir, "--pairs", str(bad), "--layout", "rm-static")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"{bad}:2" in lines[0] and "rejected" in lines[0], result.stderr  # 0-based row index
+    assert len(lines) == 1 and f"{bad}:3" in lines[0] and "rejected" in lines[0], result.stderr  # 1-based line

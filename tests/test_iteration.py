@@ -30,7 +30,7 @@ SETTINGS = [
 def prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp("iteration")
     reward_model = random_reward_model(str(out), str(out / "cache"))
-    roles = [f"ppo.critic_model.path={reward_model}", f"ppo.reward_model.path={reward_model}"]
+    roles = [f"ppo.critic_model.path={reward_model}"]  # the reward model comes from the critic's path
     config = load_config([*SETTINGS, *roles, f"output_dir={out}", f"data.cache_dir={out / 'cache'}"])
     ctx = RunContext(config, make_mesh(devices=jax.devices()[:1]), MetricsLogger(out, tensorboard=False))
     return prepare_run(ctx, task_hooks(config))

@@ -38,7 +38,7 @@ TINY_PPO = [
 def run(tmp_path, name, mesh, *overrides):
     cache = tmp_path / "cache"
     reward_model = random_reward_model(str(tmp_path), str(cache))
-    roles = [f"ppo.critic_model.path={reward_model}", f"ppo.reward_model.path={reward_model}"]
+    roles = [f"ppo.critic_model.path={reward_model}"]  # the reward model comes from the critic's path
     config = load_config([*TINY_PPO, *roles, f"output_dir={tmp_path / name}", f"data.cache_dir={cache}", *overrides])
     logger = MetricsLogger(config.output_dir, tensorboard=False)
     try:

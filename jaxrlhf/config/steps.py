@@ -98,7 +98,8 @@ class PPOConfig:
     """Step 3: PPO of the actor (from SFT) against the reward model, with a critic (from RM)."""
 
     # Model paths "" mean this run's outputs: the actor (and the frozen reference) start from SFT,
-    # the critic and the frozen reward model from RM.
+    # the critic from RM; the frozen reward model, "" = the critic's starting checkpoint (as in
+    # DeepSpeed-Chat, where both come from the step-2 model).
     actor_model: ModelConfig = field(default_factory=lambda: ModelConfig(path=PREVIOUS_STAGE))
     critic_model: ModelConfig = field(default_factory=lambda: ModelConfig(path=PREVIOUS_STAGE))
     reward_model: ModelConfig = field(default_factory=lambda: ModelConfig(path=PREVIOUS_STAGE))

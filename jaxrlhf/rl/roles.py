@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrlhf.config import PREVIOUS_STAGE
 from jaxrlhf.preflight import check_sequence_fits
 from jaxrlhf.train_state import split_for_training
 
@@ -84,12 +85,15 @@ def load_roles(ctx) -> LoadedRoles:
     """The actor (and its reference) from SFT, the critic and the reward model from RM, unless
     configured otherwise; each checked first against the longest rollout."""
     ppo = ctx.config.ppo
-    configs = {
-        "actor": (ppo.actor_model, "sft"),
-        "critic": (ppo.critic_model, "rm"),
-        "reward_model": (ppo.reward_model, "rm"),
+    sources = {
+        "actor": ctx.model_path(ppo.actor_model.path, previous_step="sft"),
+        "critic": ctx.model_path(ppo.critic_model.path, previous_step="rm"),
     }
-    sources = {role: ctx.model_path(model.path, previous_step=step) for role, (model, step) in configs.items()}
+    sources["reward_model"] = (
+        sources["critic"]
+        if ppo.reward_model.path == PREVIOUS_STAGE
+        else ctx.model_path(ppo.reward_model.path, previous_step="rm")
+    )
     for path in sources.values():
         check_sequence_fits(
             path, ppo.max_prompt_seq_len + ppo.max_answer_seq_len, "ppo.max_prompt_seq_len + max_answer_seq_len"
