@@ -127,6 +127,7 @@ class RunContext:
             dtype=model_config.dtype,
             param_dtype=model_config.param_dtype,
             remat=model_config.remat,
+            attention=model_config.attention,
             model_cls=ValueModel if value_head else CausalLM,
             untrained_head=untrained_head,
         )

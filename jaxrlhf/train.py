@@ -34,6 +34,7 @@ def run(config) -> dict[str, float]:
         config.distributed.heartbeat_timeout_s,
     )
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    config = planned(config)  # remat: auto and gradient accumulation resolved; refused if it cannot fit
     ctx = RunContext(config, mesh, logger=None)
     preflight(ctx)  # before anything is written
     os.makedirs(config.output_dir, exist_ok=True)
@@ -63,6 +64,32 @@ def run(config) -> dict[str, float]:
         logger.close()
     print(format_summary_table(summary), flush=True)
     return summary
+
+
+def planned(config):
+    """The config with each step's remat and gradient accumulation as the memory planner chose
+    them (printed), or PlanError (its table printed) when a step cannot fit the device."""
+    import jax
+
+    from jaxrlhf.plan.planner import GIB, PlanError, refuse_unfit, resolved
+    from jaxrlhf.plan.report import plan_for_devices
+
+    plans = plan_for_devices(config, jax.devices())
+    try:
+        refuse_unfit(plans)
+    except PlanError as error:
+        if jax.process_index() == 0:
+            print(error.table, file=sys.stderr, flush=True)
+        raise
+    if jax.process_index() == 0:
+        for plan in plans:
+            budget = f" of {plan.budget / GIB:.1f} usable" if plan.budget else ""
+            print(
+                f"[plan] {plan.step}: {plan.choice()} (estimated peak {plan.peak / GIB:.2f} GiB{budget} "
+                "per device; python -m jaxrlhf.plan for the table)",
+                flush=True,
+            )
+    return resolved(config, plans)
 
 
 def task_hooks(config):

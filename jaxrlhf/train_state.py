@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxrlhf.models.lora import trainable_filter
 
@@ -117,17 +118,39 @@ def split_for_training(model: nnx.Module, lora_rank: int):
     return graphdef, params, frozen
 
 
-def init_train_state(params: nnx.State, frozen: nnx.State, optimizer: optax.GradientTransformation) -> TrainState:
-    """The optimizer state is created under jit from the sharded params, so it comes out sharded
-    like them and is never materialized whole; every leaf comes out committed to its devices, as
-    the train step's outputs will be, so the step compiles once. `params` and `frozen` are
-    donated (moved into the state, not copied)."""
+def optimizer_state_shardings(optimizer: optax.GradientTransformation, params: nnx.State):
+    """Where each leaf of the optimizer state lives: a leaf shaped like a parameter (Adam's two
+    moments) is sharded like that parameter, the counters are replicated. Left to propagation,
+    `zeros_like` of a sharded parameter comes out replicated: every device would hold all of
+    Adam's state, and FSDP would save nothing on it."""
+    shardings = jax.tree.map(lambda p: p.sharding, params)
+    first = jax.tree.leaves(shardings)[0]
+    replicated = NamedSharding(first.mesh, PartitionSpec()) if isinstance(first, NamedSharding) else first
+    abstract = jax.eval_shape(optimizer.init, params)
+    return optax.tree_map_params(
+        optimizer, lambda _, sharding: sharding, abstract, shardings, transform_non_params=lambda _: replicated
+    )
+
+
+def train_state_initializer(optimizer: optax.GradientTransformation, params: nnx.State):
+    """A jitted `(params, frozen) -> TrainState`: the optimizer state is created under jit from the
+    sharded params, sharded like them (`optimizer_state_shardings`), never materialized whole.
+    `params` may be arrays or `jax.ShapeDtypeStruct`s with shardings (the planner's dry run)."""
+    opt_shardings = optimizer_state_shardings(optimizer, params)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def init(params, frozen):
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=optimizer.init(params))
+        opt_state = jax.lax.with_sharding_constraint(optimizer.init(params), opt_shardings)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=opt_state)
 
-    return init(params, frozen)
+    return init
+
+
+def init_train_state(params: nnx.State, frozen: nnx.State, optimizer: optax.GradientTransformation) -> TrainState:
+    """The train state of sharded params. Every leaf comes out committed to its devices, as the
+    train step's outputs will be, so the step compiles once; `params` and `frozen` are donated
+    (moved into the state, not copied)."""
+    return train_state_initializer(optimizer, params)(params, frozen)
 
 
 def split_microbatches(batch: dict, num_microbatches: int) -> dict:
@@ -141,19 +164,47 @@ def split_microbatches(batch: dict, num_microbatches: int) -> dict:
     return jax.tree.map(split, batch)
 
 
+# Tables read by a gather (and reused by a tied LM head) keep their dtype: their gradient sums many
+# rows' contributions, which bf16 would round.
+KEEP_DTYPE = ("embed_tokens", "embed_positions")
+
+
+def compute_copy(tree, dtype):
+    """The weight matrices of `tree` in the compute dtype (vectors such as norm scales, and the
+    embedding tables, stay as they are): made once per step, so microbatches and recomputation do
+    not cast the master weights again."""
+
+    def cast(path, x):
+        names = {getattr(key, "key", None) for key in path}
+        if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 2 and not names & set(KEEP_DTYPE):
+            return x.astype(dtype)
+        return x
+
+    return jax.tree_util.tree_map_with_path(cast, tree)
+
+
 def accumulate_gradients(loss_fn: LossFn, graphdef, params, frozen, batch: dict, num_microbatches: int):
-    """Mean loss, gradients and metrics over microbatches, scanned (constant memory in their number)."""
+    """Mean loss, float32 gradients and metrics over microbatches, scanned (constant memory in their
+    number). The forward and backward run on a compute-dtype copy of the weights, made once: the
+    gradient of the master weights is that of the copy (the same values the per-use cast gave)."""
+    compute_dtype = nnx.merge(graphdef, params, frozen).config.compute_dtype
+    working, frozen = compute_copy(params, compute_dtype), compute_copy(frozen, compute_dtype)
 
-    def loss_of(params, microbatch):
-        return loss_fn(nnx.merge(graphdef, params, frozen), microbatch)
+    def loss_of(working, microbatch):
+        return loss_fn(nnx.merge(graphdef, working, frozen), microbatch)
 
-    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+    value_and_grad = jax.value_and_grad(loss_of, has_aux=True)
+
+    def grad_fn(microbatch):
+        (loss, metrics), grads = value_and_grad(working, microbatch)
+        return (loss, metrics), jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+
     if num_microbatches == 1:
-        (loss, metrics), grads = grad_fn(params, batch)
-        return loss, grads, metrics
+        (loss, metrics), grads = grad_fn(batch)
+        return loss, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), metrics
 
     def body(grad_sum, microbatch):
-        (loss, metrics), grads = grad_fn(params, microbatch)
+        (loss, metrics), grads = grad_fn(microbatch)
         return jax.tree.map(jnp.add, grad_sum, grads), (loss, metrics)
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
@@ -166,10 +217,20 @@ def global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransformation, num_microbatches: int):
-    """A jitted `(state, batch) -> (state, metrics)`; the state is donated (updated in place)."""
+def shardings_of(tree):
+    """The sharding of every array (or sharded `jax.ShapeDtypeStruct`) of a pytree."""
+    return jax.tree.map(lambda x: x.sharding, tree)
 
-    @functools.partial(jax.jit, donate_argnums=0)
+
+def make_train_step(
+    graphdef, loss_fn: LossFn, optimizer: optax.GradientTransformation, num_microbatches: int, state_shardings=None
+):
+    """A jitted `(state, batch) -> (state, metrics)`; the state is donated (updated in place). With
+    `state_shardings` (`shardings_of(state)`) the new state comes out laid out exactly as the old
+    (propagation alone may move a replicated vector onto a mesh axis, and the next call would
+    compile again)."""
+
+    @functools.partial(jax.jit, donate_argnums=0, out_shardings=(state_shardings, None) if state_shardings else None)
     def train_step(state: TrainState, batch: dict):
         loss, grads, metrics = accumulate_gradients(
             loss_fn, graphdef, state.params, state.frozen, batch, num_microbatches

@@ -28,6 +28,8 @@ def parse_args(argv):
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
+    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"], help="training attention")
+    parser.add_argument("--remat", default="none", choices=["none", "dots", "block"])
     return parser.parse_args(argv)
 
 
@@ -37,10 +39,24 @@ def time_ours(path, args, batch):
     from jaxrlhf.models import load_pretrained
     from jaxrlhf.parallel import TRAINING_RULES, batch_sharding, make_mesh
     from jaxrlhf.steps.losses import language_model_loss
-    from jaxrlhf.train_state import init_train_state, make_optimizer, make_train_step, split_for_training
+    from jaxrlhf.train_state import (
+        init_train_state,
+        make_optimizer,
+        make_train_step,
+        shardings_of,
+        split_for_training,
+    )
 
     mesh = make_mesh(fsdp=-1)
-    model = load_pretrained(path, mesh=mesh, rules=TRAINING_RULES, dtype=args.dtype, param_dtype="float32")
+    model = load_pretrained(
+        path,
+        mesh=mesh,
+        rules=TRAINING_RULES,
+        dtype=args.dtype,
+        param_dtype="float32",
+        remat=args.remat,
+        attention=args.attention,
+    )
     graphdef, params, frozen = split_for_training(model, 0)
     optimizer = make_optimizer(
         types.SimpleNamespace(
@@ -57,7 +73,7 @@ def time_ours(path, args, batch):
         total_steps=100,
     )
     state = init_train_state(params, frozen, optimizer)
-    step = make_train_step(graphdef, language_model_loss, optimizer, 1)
+    step = make_train_step(graphdef, language_model_loss, optimizer, 1, shardings_of(state))
     batch = jax.device_put({k: jax.numpy.asarray(v) for k, v in batch.items()}, batch_sharding(mesh))
     state, metrics = step(state, batch)  # compile
     jax.block_until_ready(metrics)
@@ -121,7 +137,11 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as path:
         reference.save_pretrained(path)
         del reference
-        print(f"model {args.model_type} {n_params / 1e6:.1f}M params, batch {args.batch} x {args.seq}", file=sys.stderr)
+        print(
+            f"model {args.model_type} {n_params / 1e6:.1f}M params, batch {args.batch} x {args.seq}, "
+            f"attention {args.attention}, remat {args.remat}",
+            file=sys.stderr,
+        )
         ours = time_ours(path, args, batch)
         theirs = None if args.no_torch else time_torch(path, args, batch)
     device = jax.devices()[0].device_kind

@@ -20,6 +20,7 @@ from jaxrlhf.train_state import (
     learning_rate_schedule,
     make_optimizer,
     make_train_step,
+    shardings_of,
     split_for_training,
 )
 
@@ -118,6 +119,30 @@ def test_train_step_compiles_once(model_dir):
     assert counter.count == 1
 
 
+def test_the_optimizer_state_is_born_sharded_like_the_parameters_and_stays_so(model_dir):
+    # left to propagation, Adam's zeros_like(param) came out replicated on every device (FSDP
+    # saved nothing on it until the first step resharded it, compiling that step twice)
+    mesh = make_mesh(fsdp=8)
+    graphdef, params, frozen = split_for_training(load_pretrained(model_dir, mesh=mesh, rules=TRAINING_RULES), 0)
+    optimizer = make_optimizer(OPTIMIZER, total_steps=10)
+    state = init_train_state(params, frozen, optimizer)
+    adam = state.opt_state.inner_state[1][0]
+
+    def shardings(tree):
+        return [v.get_value().sharding for _, v in nnx.to_flat_state(tree)]
+
+    assert shardings(adam.mu) == shardings(adam.nu) == shardings(state.params)
+    assert any(s.spec != jax.sharding.PartitionSpec() for s in shardings(adam.mu))
+    step = make_train_step(graphdef, language_model_loss, optimizer, 1, shardings_of(state))
+    batch = jax.device_put(make_batch(), batch_sharding(mesh))
+    with CompileCounter() as counter:
+        for _ in range(3):
+            state, _ = step(state, batch)
+        jax.block_until_ready(state)
+    assert counter.count == 1
+    assert shardings(state.opt_state.inner_state[1][0].mu) == shardings(state.params)
+
+
 def test_schedule_warms_up_then_decays():
     schedule = learning_rate_schedule(OPTIMIZER, total_steps=10)
     assert float(schedule(0)) == 0.0 and abs(float(schedule(2)) - 1e-2) < 1e-9
@@ -163,3 +188,29 @@ def test_a_non_finite_step_is_skipped_and_counted(model_dir):
     assert int(metrics["bad_steps"]) == 1 and int(metrics["consecutive_bad_steps"]) == 0
     changed = jax.tree.map(lambda a, b: bool((np.asarray(a) != b).any()), state.params, before)
     assert any(jax.tree.leaves(changed)) and all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+
+def test_the_compute_copy_of_the_weights_is_made_once_per_step_not_per_microbatch(model_dir):
+    """bf16 compute on float32 master weights with two microbatches: the optimized program casts
+    each weight matrix to bf16 outside the microbatch loop, never inside it."""
+    import re
+
+    from jaxrlhf.generation.compiled_report import _computations
+
+    model = load_pretrained(model_dir, dtype="bfloat16", remat="block")  # recomputation casts again, per use
+    graphdef, params, frozen = split_for_training(model, 0)
+    optimizer = make_optimizer(OPTIMIZER, total_steps=10)
+    state = init_train_state(params, frozen, optimizer)
+    text = make_train_step(graphdef, language_model_loss, optimizer, 2).lower(state, make_batch()).compile().as_text()
+    stacked = params["decoder"]["layers"]["mlp"]["up_proj"]["kernel"].get_value().shape  # [layers, embed, mlp]
+    shapes = "|".join(",".join(map(str, shape)) for shape in (stacked, stacked[1:]))
+    casts = re.compile(rf"%[\w.\-]*convert[\w.\-]* = bf16\[({shapes})\][^ ]* (convert|fusion)\(")
+    computations = _computations(text)
+    bodies = set(re.findall(r"\bwhile\(.*?body=%?([\w.\-]+)", text))
+    in_loops = [
+        line for name in bodies for line in computations[name] if casts.search(line) and "update-slice" not in line
+    ]  # writing a layer's bf16 gradient is no cast
+    outside = [
+        line for name, lines in computations.items() if name not in bodies for line in lines if casts.search(line)
+    ]
+    assert outside and not in_loops, in_loops[:2]

@@ -21,6 +21,7 @@ from jaxrlhf.config.sections import (
     MeshConfig,
     ModelConfig,
     OptimizerConfig,
+    PlanConfig,
 )
 from jaxrlhf.config.steps import GenerationConfig, PPOConfig, RMConfig, SFTConfig, SupervisedStepConfig
 
@@ -37,6 +38,7 @@ __all__ = [
     "MeshConfig",
     "ModelConfig",
     "OptimizerConfig",
+    "PlanConfig",
     "PPOConfig",
     "RMConfig",
     "RunConfig",

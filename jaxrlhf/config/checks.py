@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextvars
+
+# False while the planner reads a config: it needs each model's config.json, not the data files.
+CHECK_DATA_FILES = contextvars.ContextVar("check_data_files", default=True)
+
 
 class ConfigError(ValueError):
     """A bad configuration; the message is one line that names the offending key or file."""

@@ -21,13 +21,14 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from jaxrlhf.config.checks import ConfigError
+from jaxrlhf.config.checks import CHECK_DATA_FILES, ConfigError
 from jaxrlhf.config.presets import PRESETS
 from jaxrlhf.config.schema import RunConfig
 
 
-def load_config(argv: Sequence[str]) -> RunConfig:
-    """The validated run config from `[CONFIG.yaml] [dotted.key=value ...]`; raises ConfigError."""
+def load_config(argv: Sequence[str], check_data_files: bool = True) -> RunConfig:
+    """The validated run config from `[CONFIG.yaml] [dotted.key=value ...]`; raises ConfigError.
+    `check_data_files=False` (the planner) accepts data paths that do not exist here."""
     file_layer, overrides = _read_arguments(argv)
     chosen_preset = _merge_layers([file_layer], overrides).ppo.preset  # phase 1: which preset?
     preset_layer = (
@@ -36,14 +37,18 @@ def load_config(argv: Sequence[str]) -> RunConfig:
         else []
     )  # an unknown name is reported by validate
     config = _merge_layers(preset_layer + [file_layer], overrides)  # phase 2
-    config.validate()
+    checking = CHECK_DATA_FILES.set(check_data_files)
+    try:
+        config.validate()
+    finally:
+        CHECK_DATA_FILES.reset(checking)
     return config
 
 
-def main_config_or_exit(argv: Sequence[str]) -> RunConfig:
+def main_config_or_exit(argv: Sequence[str], check_data_files: bool = True) -> RunConfig:
     """load_config for the entry point: a bad config prints `error: <message>` and exits with code 2."""
     try:
-        return load_config(argv)
+        return load_config(argv, check_data_files)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -74,6 +79,9 @@ RESULT_SECTIONS = {
     "rm": ("seed", "data", "rm"),
     "ppo": ("seed", "data", "generation", "ppo"),
 }
+# How a step runs, not what it computes: what is recomputed, which attention kernel, how many
+# micro-batches an optimizer step is split into (the memory planner may raise it on another device).
+HOW_NOT_WHAT = (".remat", ".attention", ".grad_accum_steps")
 NO_EFFECT_ON_RESULTS = (
     "data.cache_dir",
     "sft.eval_every",
@@ -93,7 +101,7 @@ def step_settings(config_values: Mapping, step: str) -> dict[str, object]:
         if isinstance(value, Mapping):
             for name, item in value.items():
                 walk(item, f"{key}.{name}" if key else str(name))
-        elif key not in NO_EFFECT_ON_RESULTS:
+        elif key not in NO_EFFECT_ON_RESULTS and not key.endswith(HOW_NOT_WHAT):
             flat[key] = value
 
     for section in RESULT_SECTIONS[step]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from jaxrlhf.config.checks import at_least, require
-from jaxrlhf.config.sections import CheckpointConfig, DataConfig, DistributedConfig, MeshConfig
+from jaxrlhf.config.sections import CheckpointConfig, DataConfig, DistributedConfig, MeshConfig, PlanConfig
 from jaxrlhf.config.steps import GenerationConfig, PPOConfig, RMConfig, SFTConfig
 from jaxrlhf.data.split import STEPS
 
@@ -36,6 +36,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -54,7 +55,7 @@ class RunConfig:
             f"{self.output_dir} exists and is not a directory",
         )
         at_least(self, "", 1, "log_every", "max_bad_steps")
-        for section in ("mesh", "distributed", "data", "generation", "checkpoint", "sft", "rm"):
+        for section in ("mesh", "distributed", "data", "generation", "checkpoint", "plan", "sft", "rm"):
             getattr(self, section).validate(section)
         self.ppo.validate("ppo")
         require(

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from jaxrlhf.config.checks import at_least, is_non_negative_number, require
+from jaxrlhf.config.checks import CHECK_DATA_FILES, at_least, is_non_negative_number, require
 from jaxrlhf.data.builtin import BUILTIN
 from jaxrlhf.data.sources import LAYOUT_NAMES
 from jaxrlhf.parallel.mesh import MESH_AXES
@@ -83,7 +83,11 @@ class ModelConfig:
     path: str = BUILTIN  # a Hugging Face model directory, or "builtin" for the tiny built-in model
     dtype: Dtype = "float32"  # compute dtype
     param_dtype: Dtype = "float32"  # storage dtype of the weights
-    remat: Literal["none", "block"] = "none"  # "block": recompute each block in the backward pass
+    # What the backward pass recomputes: "auto" (the planner's cheapest choice that fits the
+    # device), "none", "dots" (keeps the weight matmuls' outputs) or "block" (keeps each block's input).
+    remat: Literal["auto", "none", "dots", "block"] = "auto"
+    # Training and prefill attention: "auto" (cuDNN flash attention on a GPU where it applies), "xla", "cudnn".
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
     # A critic may deliberately start from a causal LM (its score head then starts at zero, with a
     # warning); otherwise a value model without a trained head is refused.
     allow_untrained_head: bool = False
@@ -147,7 +151,8 @@ class DataSourceConfig:
             key,
             f"path {self.path!r} and layout {self.layout!r} disagree: 'builtin' goes with 'builtin'",
         )
-        require(self.path == BUILTIN or os.path.exists(self.path), f"{key}.path", f"data file not found: {self.path}")
+        found = self.path == BUILTIN or not CHECK_DATA_FILES.get() or os.path.exists(self.path)
+        require(found, f"{key}.path", f"data file not found: {self.path}")
 
 
 @dataclass
@@ -195,6 +200,23 @@ class CheckpointConfig:
 
     def validate(self, key: str) -> None:
         at_least(self, key, 1, "every_steps", "keep")
+
+
+@dataclass
+class PlanConfig:
+    """The memory planner (python -m jaxrlhf.plan, and remat: auto)."""
+
+    device_memory_gib: float | None = None  # per device; None = what the accelerator reports (unknown on CPU)
+    usable_fraction: float = 0.9  # of the device memory the plan may fill (XLA and the runtime need the rest)
+
+    def validate(self, key: str) -> None:
+        require(
+            self.device_memory_gib is None or self.device_memory_gib > 0,
+            f"{key}.device_memory_gib",
+            f"must be > 0 or null, got {self.device_memory_gib}",
+        )
+        fraction = self.usable_fraction
+        require(0 < fraction <= 1, f"{key}.usable_fraction", f"must be in (0, 1], got {fraction}")
 
 
 def require_master_weights(model: ModelConfig, lora: LoRAConfig, key: str) -> None:

@@ -78,7 +78,7 @@ def prefill(model, prompt_ids, prompt_mask, positions, cache: KVCache):
             q, k, v = attn.project(h, positions, inv_freq)
             k_cache = jax.lax.dynamic_update_slice(k_cache, _head_major(k).astype(k_cache.dtype), (0, 0, 0, 0))
             v_cache = jax.lax.dynamic_update_slice(v_cache, _head_major(v).astype(v_cache.dtype), (0, 0, 0, 0))
-            return attn.output(attention(q, k, v, mask)), (k_cache, v_cache)
+            return attn.output(attention(q, k, v, mask, attn.implementation)), (k_cache, v_cache)
 
         x, (k_cache, v_cache) = layer(x, attend)
         # Write this layer's cache before the next layer starts: left free, the scheduler may keep

@@ -45,8 +45,9 @@ class DecoderConfig:
     tie_word_embeddings: bool = False
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    remat: str = "none"  # "none" or "block": recompute each block in the backward pass
+    remat: str = "none"  # "none", "dots" (keep the weight matmuls' outputs) or "block": what the backward recomputes
     scan_layers: bool = True  # stacked blocks run by lax.scan (training); False: one module per block (generation)
+    attention: str = "auto"  # training/prefill: "auto" (cuDNN flash on a GPU where it applies), "xla", "cudnn"
     hf_config: tuple = dataclasses.field(default=("__dict__",), compare=False, repr=False)
 
     @property

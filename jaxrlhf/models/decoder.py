@@ -13,9 +13,16 @@ from flax import nnx
 
 from jaxrlhf.models.config import DecoderConfig
 from jaxrlhf.models.layers import DecoderLayer, Dense, Norm, make_param, rope_inverse_frequencies
+from jaxrlhf.models.outputs import chunked_token_logprobs
 from jaxrlhf.parallel.rules import constrain
 
 RESIDUAL_AXES = ("batch", None, None)  # the residual stream: rows over the data axes, the rest whole
+# What a block keeps for its backward pass ("none": everything; the others recompute the rest):
+# "dots" keeps the outputs of the weight matmuls (not the attention scores), "block" only its input.
+REMAT_POLICIES = {
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "block": jax.checkpoint_policies.nothing_saveable,
+}
 
 
 def positions_from_mask(attention_mask):
@@ -120,8 +127,8 @@ class Decoder(nnx.Module):
         def block(x, layer_state):
             return constrain(nnx.merge(graphdef, layer_state)(x, attend)[0], RESIDUAL_AXES)
 
-        if self.config.remat == "block":
-            block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
+        if self.config.remat in REMAT_POLICIES:
+            block = jax.checkpoint(block, policy=REMAT_POLICIES[self.config.remat])
         x, _ = jax.lax.scan(lambda h, s: (block(h, s), None), x, layer_state)
         return x
 
@@ -150,6 +157,13 @@ class CausalLM(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
         return self.logits(self.decoder(input_ids, attention_mask, positions, segment_ids=segment_ids))
+
+    def token_logprobs(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
+        """(log p(input_ids[:, t+1] | ... t), the entropy of that distribution), each float32
+        [batch, seq - 1], without ever holding the float32 logits of the whole sequence
+        (`outputs.chunked_token_logprobs`): what training and scoring need of the LM head."""
+        hidden = self.decoder(input_ids, attention_mask, positions, segment_ids=segment_ids)
+        return chunked_token_logprobs(self.logits, hidden[:, :-1], input_ids[:, 1:])
 
 
 class ValueModel(nnx.Module):

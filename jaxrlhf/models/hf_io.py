@@ -130,6 +130,7 @@ def load_pretrained(
     param_dtype: str = "float32",
     remat: str = "none",
     model_cls=CausalLM,
+    attention: str = "auto",
     untrained_head: str = "refuse",
 ):
     """Loads a Hugging Face directory into `model_cls` (CausalLM, or ValueModel for a reward model
@@ -138,7 +139,9 @@ def load_pretrained(
     before any tensor is placed. A value head the checkpoint lacks (a causal LM loaded as a value
     model) is refused, or starts at zero with `untrained_head` "zeros" (the reward-model step,
     which trains it) or "warn" (a critic deliberately started from a language model)."""
-    config = DecoderConfig.from_hf(read_hf_config(path), dtype=dtype, param_dtype=param_dtype, remat=remat)
+    config = DecoderConfig.from_hf(
+        read_hf_config(path), dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention
+    )
     refs = index_checkpoint(path)
     head = hf_tensor_name(("value_head", "kernel"), config.model_type)
     if model_cls is ValueModel and head not in refs:

@@ -150,14 +150,26 @@ def apply_rope(x, positions, inv_freq):
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-def attention(q, k, v, mask):
+def attention(q, k, v, mask, implementation: str = "auto"):
     """Softmax attention; q [b, t, heads, d], k/v [b, s, kv_heads, d], mask [b, 1, t, s] (True = attend).
 
-    Training and prefill: `jax.nn.dot_product_attention` picks cuDNN's fused kernel on GPU where
-    it applies and XLA elsewhere, and handles grouped-query heads. (A decode step, one query
+    Training and prefill, grouped-query heads included. "auto" takes cuDNN's fused flash
+    attention on a GPU for bf16/fp16 inputs (it never materializes the [b, heads, t, s] scores;
+    the mask becomes a bias) and falls back to XLA's attention when cuDNN refuses the shapes, the
+    mask or its own version at trace time; "xla" and "cudnn" force one. (A decode step, one query
     against the KV cache, goes through `jaxrlhf.generation.kernels.decode_attention`.)
     """
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    if implementation == "cudnn" or (implementation == "auto" and _cudnn_may_apply(q)):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError, TypeError):
+            if implementation == "cudnn":
+                raise
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+
+def _cudnn_may_apply(q) -> bool:
+    return jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
 
 
 class Attention(nnx.Module):
@@ -172,6 +184,7 @@ class Attention(nnx.Module):
         self.v_proj = dense((e,), (kv, d), ("embed",), ("kv_heads", "head_dim"), config.qkv_bias)
         self.o_proj = dense((n, d), (e,), ("heads", "head_dim"), ("embed",), config.out_bias)
         self.use_rope = config.positions == "rope"
+        self.implementation = config.attention
 
     def project(self, x, positions, inv_freq):
         """x [b, t, e] -> q [b, t, heads, d], k and v [b, t, kv_heads, d], rotary applied."""
@@ -186,7 +199,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, mask, inv_freq):
         q, k, v = self.project(x, positions, inv_freq)
-        return self.output(attention(q, k, v, mask))
+        return self.output(attention(q, k, v, mask, self.implementation))
 
 
 class MLP(nnx.Module):

@@ -12,7 +12,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxrlhf.models.outputs import next_token_logprobs, sequence_scores
+from jaxrlhf.models.outputs import sequence_scores
 from jaxrlhf.rl.ppo_math import gae_advantages, kl_penalty, masked_mean, masked_whiten, reward_span_mask, token_rewards
 from jaxrlhf.rl.roles import RoleGraphs, RoleStates
 
@@ -66,8 +66,8 @@ def make_experience(
     answer_lengths = action_mask.sum(-1)
     long_enough = answer_lengths > 1  # DeepSpeed-Chat drops answers of one token or less
 
-    old_logprobs = next_token_logprobs(actor(tokens, attention_mask), tokens)
-    ref_logprobs = next_token_logprobs(reference(tokens, attention_mask), tokens)
+    old_logprobs, _ = actor.token_logprobs(tokens, attention_mask)
+    ref_logprobs, _ = reference.token_logprobs(tokens, attention_mask)
     old_values = critic(tokens, attention_mask)[:, :-1]
     scores = sequence_scores(reward_model(tokens, attention_mask), attention_mask)
 

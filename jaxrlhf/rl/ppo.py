@@ -34,7 +34,7 @@ from jaxrlhf.rl.ppo_math import adaptive_kl_update
 from jaxrlhf.rl.roles import RoleGraphs, load_roles
 from jaxrlhf.rl.update import PPOState, UpdateSettings, make_ppo_update
 from jaxrlhf.run_context import RunContext
-from jaxrlhf.train_state import check_bad_steps, init_train_state, make_optimizer
+from jaxrlhf.train_state import check_bad_steps, init_train_state, make_optimizer, shardings_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +163,12 @@ def prepare_run(ctx: RunContext, hooks: TaskHooks) -> tuple[PPORun, PPOState]:
         engine=engine,
         experience_fn=make_experience_fn(graphs, RewardSettings.from_config(ppo), ppo.max_prompt_seq_len),
         update_fn=make_ppo_update(
-            graphs.actor, graphs.critic, actor_optimizer, critic_optimizer, UpdateSettings.from_config(ppo)
+            graphs.actor,
+            graphs.critic,
+            actor_optimizer,
+            critic_optimizer,
+            UpdateSettings.from_config(ppo),
+            shardings_of(state),
         ),
         reference=None if reference is None else reference.states,
         reward_model=reward_model.states,

@@ -63,13 +63,6 @@ def masked_whiten(x, mask, shift_mean=True):
     return jnp.where(jnp.asarray(mask) > 0, whitened, 0.0)
 
 
-def entropy_from_logits(logits, mask):
-    """Masked mean over tokens of the entropy of softmax(logits); logits [B, T, V], mask [B, T]."""
-    log_probs = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
-    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)  # [B, T]
-    return masked_mean(entropy, mask)
-
-
 def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
     """Per-token estimate of KL(policy || reference) from sampled-token log-probs.
 

@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxrlhf.models.outputs import next_token_logprobs
 from jaxrlhf.rl.experience import Experience
-from jaxrlhf.rl.ppo_math import actor_loss, entropy_from_logits, value_loss
+from jaxrlhf.rl.ppo_math import actor_loss, masked_mean, value_loss
 from jaxrlhf.steps.losses import language_model_loss
 from jaxrlhf.train_state import (
     TrainState,
@@ -67,18 +66,17 @@ def actor_objective(settings: UpdateSettings):
 
     def loss_fn(model, batch):
         experience: Experience = batch["experience"]
-        logits = model(experience.tokens, experience.attention_mask)
-        logprobs = next_token_logprobs(logits, experience.tokens)
+        logprobs, token_entropy = model.token_logprobs(experience.tokens, experience.attention_mask)
         old, advantages, mask = experience.old_logprobs, experience.advantages, experience.action_mask
         surrogate, stats = actor_loss(
             logprobs, old, advantages, mask, cliprange=settings.cliprange, dual_clip=settings.dual_clip
         )
         loss = surrogate
         if settings.entropy_coef:
-            entropy = entropy_from_logits(logits[:, :-1], experience.action_mask)
+            entropy = masked_mean(token_entropy, mask)
             loss = loss - settings.entropy_coef * entropy
-        else:  # a metric only: no [batch, seq, vocab] entropy backward pass
-            entropy = entropy_from_logits(jax.lax.stop_gradient(logits[:, :-1]), experience.action_mask)
+        else:  # a metric only: no gradient through the entropy
+            entropy = masked_mean(jax.lax.stop_gradient(token_entropy), mask)
         metrics = {"actor_loss": surrogate, "entropy": entropy, **stats}
         if settings.unsup_coef > 0:
             ptx_loss, _ = language_model_loss(model, batch["ptx"])
@@ -101,9 +99,12 @@ def critic_objective(settings: UpdateSettings):
     return loss_fn
 
 
-def make_ppo_update(actor_graphdef, critic_graphdef, actor_optimizer, critic_optimizer, settings: UpdateSettings):
+def make_ppo_update(
+    actor_graphdef, critic_graphdef, actor_optimizer, critic_optimizer, settings: UpdateSettings, state_shardings=None
+):
     """A jitted `(state, experience, ptx, key) -> (state, metrics)`; `ptx` holds one pretraining
-    batch per minibatch ([num_minibatches, rows, seq] arrays) or is None. The state is donated."""
+    batch per minibatch ([num_minibatches, rows, seq] arrays) or is None. The state is donated and,
+    given `state_shardings`, comes out laid out as it went in (one compile)."""
     actor_loss_fn, critic_loss_fn = actor_objective(settings), critic_objective(settings)
     accumulate = settings.grad_accum_steps
 
@@ -139,7 +140,7 @@ def make_ppo_update(actor_graphdef, critic_graphdef, actor_optimizer, critic_opt
             minibatches["ptx"] = ptx
         return jax.lax.scan(minibatch_step, state, minibatches)
 
-    @functools.partial(jax.jit, donate_argnums=0)
+    @functools.partial(jax.jit, donate_argnums=0, out_shardings=(state_shardings, None) if state_shardings else None)
     def update(state: PPOState, experience: Experience, ptx, key):
         keys = jax.random.split(key, settings.ppo_epochs)
         state, metrics = jax.lax.scan(lambda s, k: epoch(s, (k, experience, ptx)), state, keys)

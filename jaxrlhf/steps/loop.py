@@ -29,6 +29,7 @@ from jaxrlhf.train_state import (
     make_eval_step,
     make_optimizer,
     make_train_step,
+    shardings_of,
     split_for_training,
 )
 
@@ -99,7 +100,7 @@ def train_supervised(ctx: RunContext, job: SupervisedJob, model: nnx.Module, tra
     optimizer = make_optimizer(stage.optimizer, steps)
     schedule = learning_rate_schedule(stage.optimizer, steps)
     state = init_train_state(params, frozen, optimizer)
-    train_step = make_train_step(graphdef, job.loss_fn, optimizer, stage.grad_accum_steps)
+    train_step = make_train_step(graphdef, job.loss_fn, optimizer, stage.grad_accum_steps, shardings_of(state))
     eval_step = make_eval_step(graphdef, job.loss_fn)
     iterator = BatchIterator(
         train_arrays,

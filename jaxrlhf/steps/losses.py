@@ -16,15 +16,16 @@ All inputs are cast to fp32; shapes are static, so everything jit-compiles.
 import jax
 import jax.numpy as jnp
 
-from jaxrlhf.models.outputs import last_token_index, next_token_logprobs
+from jaxrlhf.models.outputs import last_token_index
 
 
 def language_model_loss(model, batch):
     """Mean next-token negative log-likelihood over the tokens `loss_mask` marks (prompt tokens
     excluded unless the data says otherwise); packed rows carry positions and segment ids.
     Returns (loss, metrics)."""
-    logits = model(batch["input_ids"], batch["attention_mask"], batch.get("positions"), batch.get("segment_ids"))
-    logprobs = next_token_logprobs(logits, batch["input_ids"])
+    logprobs, _ = model.token_logprobs(
+        batch["input_ids"], batch["attention_mask"], batch.get("positions"), batch.get("segment_ids")
+    )
     mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
     tokens = mask.sum()
     loss = -(logprobs * mask).sum() / jnp.maximum(tokens, 1.0)
