@@ -60,7 +60,7 @@ def check_batch_sizes(ctx: RunContext) -> None:
     """Every batch, minibatch and microbatch must split evenly over the data-parallel devices."""
     config, replicas = ctx.config, ctx.mesh.shape["data"] * ctx.mesh.shape["fsdp"]
     where = f"the {replicas} data-parallel devices (mesh data x fsdp)"
-    for step in ("sft", "rm"):
+    for step in ("sft", "rm", "dpo"):
         if step in config.steps:
             stage = getattr(config, step)
             micro = stage.batch_size // stage.grad_accum_steps
@@ -87,6 +87,8 @@ def model_lengths(ctx: RunContext) -> list[tuple[str, str, str | None, int]]:
         rows.append(("sft.max_seq_len", config.sft.model.path, None, config.sft.max_seq_len))
     if "rm" in config.steps:
         rows.append(("rm.max_seq_len", config.rm.model.path, "sft", config.rm.max_seq_len))
+    if "dpo" in config.steps:
+        rows.append(("dpo.max_seq_len", config.dpo.model.path, "sft", config.dpo.max_seq_len))
     if "ppo" in config.steps:
         length = config.ppo.max_prompt_seq_len + config.ppo.max_answer_seq_len
         key = "ppo.max_prompt_seq_len + max_answer_seq_len"

@@ -41,6 +41,10 @@ def run(config) -> dict[str, float]:
     if jax.process_index() == 0:
         save_resolved_config(config, config.output_dir)
     runners = {"sft": run_sft, "rm": run_reward_model}
+    if "dpo" in config.steps:
+        from jaxrlhf.steps.dpo import run_dpo
+
+        runners["dpo"] = lambda ctx: run_dpo(ctx, task_hooks(config).gold_reward)
     if "ppo" in config.steps:
         from jaxrlhf.rl.ppo import run_ppo
 

@@ -95,7 +95,7 @@ def test_list_and_nested_overrides(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["steps=[sft,foo]"], r"^steps\[1\]: .*'foo'.*\['sft', 'rm', 'ppo'\]"),
+        (["steps=[sft,foo]"], r"^steps\[1\]: .*'foo'.*\['sft', 'rm', 'dpo', 'ppo'\]"),
         (["steps=[rm,sft]"], r"^steps: must be distinct and in pipeline order"),
         (["sft.optimizer.learning_rate=-1e-3"], r"^sft\.optimizer\.learning_rate: must be >= 0"),
         (["ppo.preset=bar"], r"^ppo\.preset: 'bar' is not one of stable, deepspeed_chat$"),

@@ -109,6 +109,17 @@ def test_deepspeed_chat_step_3_fits_one_80gb_gpu_with_default_settings():
     assert {line.role for line in ppo.lines} >= {"actor", "critic", "reference", "reward model", "generation copy"}
 
 
+def test_dpo_is_planned_with_its_frozen_reference():
+    same = ("dpo.batch_size=8", "dpo.max_seq_len=512", "dpo.model.dtype=bfloat16")  # as the config's SFT
+    plans = plan(dschat("steps=[sft,dpo]", *same, "plan.device_memory_gib=1000"))
+    dpo, sft = plans["dpo"], plans["sft"]
+    assert [line.role for line in dpo.lines] == ["dpo", "reference"]
+    reference = dpo.lines[1].weights
+    assert reference == dpo.lines[0].weights and dpo.peak > sft.peak + reference  # and both sides of each pair
+    lora = plan(dschat("steps=[sft,dpo]", *same, "dpo.lora.rank=8", "plan.device_memory_gib=1000"))["dpo"]
+    assert [line.role for line in lora.lines] == ["dpo"]  # the base with adapters off is the reference
+
+
 def test_the_planner_shards_what_the_rules_shard_and_names_a_layout_that_cannot_be():
     # 32 heads over tensor=3: the rules leave attention whole, and so does the planner
     uneven = plan(dschat("mesh.tensor=3", "plan.device_memory_gib=1000"), devices=6)

@@ -295,3 +295,14 @@ def test_presets_share_fields_and_match_deepspeed_chat():
     assert (deepspeed_chat["gamma"], deepspeed_chat["lam"]) == (1.0, 0.95)
     assert not deepspeed_chat["whiten_advantages"] and not deepspeed_chat["adaptive_kl"]
     assert deepspeed_chat["dual_clip"] is None and deepspeed_chat["entropy_coef"] == 0.0
+
+
+def test_logprob_agreement_compares_each_answer_token_with_its_training_logprob():
+    # a 2-token prompt, then 2 answer tokens and a pad; old_logprobs[t] scores token t + 1
+    rollout = jnp.array([[-1.0, -2.0, 0.0]])
+    old = jnp.array([[-9.0, -1.0005, -2.01, -7.0]])
+    mask = jnp.array([[1, 1, 1, 1, 0]])
+    gaps = ppo_math.logprob_agreement(rollout, old, mask, prompt_len=2)
+    assert float(gaps["logprob_gap_mean"]) == pytest.approx((0.0005 + 0.01) / 2, rel=1e-4)
+    assert float(gaps["logprob_gap_max"]) == pytest.approx(0.01, rel=1e-4)  # the pad's -7 vs 0 is not counted
+    assert float(gaps["logprob_gap_share_over_1e-3"]) == 0.5

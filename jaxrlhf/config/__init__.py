@@ -23,7 +23,7 @@ from jaxrlhf.config.sections import (
     OptimizerConfig,
     PlanConfig,
 )
-from jaxrlhf.config.steps import GenerationConfig, PPOConfig, RMConfig, SFTConfig, SupervisedStepConfig
+from jaxrlhf.config.steps import DPOConfig, GenerationConfig, PPOConfig, RMConfig, SFTConfig, SupervisedStepConfig
 
 __all__ = [
     "PRESETS",
@@ -35,6 +35,7 @@ __all__ = [
     "DistributedConfig",
     "GenerationConfig",
     "LoRAConfig",
+    "DPOConfig",
     "MeshConfig",
     "ModelConfig",
     "OptimizerConfig",

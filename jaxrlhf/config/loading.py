@@ -77,6 +77,7 @@ def config_yaml(section: object) -> str:
 RESULT_SECTIONS = {
     "sft": ("seed", "data", "sft"),
     "rm": ("seed", "data", "rm"),
+    "dpo": ("seed", "data", "dpo"),
     "ppo": ("seed", "data", "generation", "ppo"),
 }
 # How a step runs, not what it computes: what is recomputed, which attention kernel, how many

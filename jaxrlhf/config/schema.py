@@ -12,10 +12,11 @@ from typing import Literal
 
 from jaxrlhf.config.checks import at_least, require
 from jaxrlhf.config.sections import CheckpointConfig, DataConfig, DistributedConfig, MeshConfig, PlanConfig
-from jaxrlhf.config.steps import GenerationConfig, PPOConfig, RMConfig, SFTConfig
+from jaxrlhf.config.steps import DPOConfig, GenerationConfig, PPOConfig, RMConfig, SFTConfig
 from jaxrlhf.data.split import STEPS
 
-Step = Literal[STEPS]  # the steps, in the order they run
+PIPELINE = ("sft", "rm", "dpo", "ppo")  # every step, in the order they run (the default run: STEPS)
+Step = Literal[PIPELINE]
 
 
 @dataclass
@@ -39,14 +40,15 @@ class RunConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def validate(self) -> None:
         require(bool(self.steps), "steps", "is empty")
         require(
-            len(set(self.steps)) == len(self.steps) and self.steps == sorted(self.steps, key=STEPS.index),
+            len(set(self.steps)) == len(self.steps) and self.steps == sorted(self.steps, key=PIPELINE.index),
             "steps",
-            f"must be distinct and in pipeline order {', '.join(STEPS)}, got {', '.join(self.steps)}",
+            f"must be distinct and in pipeline order {', '.join(PIPELINE)}, got {', '.join(self.steps)}",
         )
         require(bool(self.output_dir), "output_dir", "is empty")
         require(
@@ -55,7 +57,7 @@ class RunConfig:
             f"{self.output_dir} exists and is not a directory",
         )
         at_least(self, "", 1, "log_every", "max_bad_steps")
-        for section in ("mesh", "distributed", "data", "generation", "checkpoint", "plan", "sft", "rm"):
+        for section in ("mesh", "distributed", "data", "generation", "checkpoint", "plan", "sft", "rm", "dpo"):
             getattr(self, section).validate(section)
         self.ppo.validate("ppo")
         require(

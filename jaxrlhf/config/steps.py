@@ -72,6 +72,31 @@ class RMConfig(SupervisedStepConfig):
 
 
 @dataclass
+class DPOConfig(SupervisedStepConfig):
+    """DPO, DeepSpeed-Chat's alternative to steps 2 and 3: the SFT policy trained directly on the
+    reward model's preference pairs against its frozen self (the reference)."""
+
+    # Model path "" = this run's SFT output (the built-in model when the run has no SFT step).
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(path=PREVIOUS_STAGE))
+    # The defaults suit the built-in task; for billion-parameter models DPO's usual beta 0.1 and a
+    # learning rate near 5e-7 are the place to start.
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(learning_rate=3e-5))
+    max_steps: int = 300
+    beta: float = 0.5  # strength of the KL tie to the reference (larger: closer to it)
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # DPO's log-sigmoid, or IPO's squared margin
+    label_smoothing: float = 0.0  # conservative DPO: the assumed share of flipped labels
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
+        require(self.beta > 0, f"{key}.beta", f"must be > 0, got {self.beta}")
+        require(
+            0 <= self.label_smoothing < 0.5,
+            f"{key}.label_smoothing",
+            f"must be in [0, 0.5), got {self.label_smoothing}",
+        )
+
+
+@dataclass
 class GenerationConfig:
     """Sampling for PPO rollouts and evaluation."""
 

@@ -21,7 +21,8 @@ import numpy as np
 from jaxrlhf.data.records import BadRecordReport, Record
 from jaxrlhf.data.sources import DataSource, load_source
 
-STEPS = ("sft", "rm", "ppo")
+STEPS = ("sft", "rm", "ppo")  # the three slices of data_split, named by the step that reads each
+SLICE_OF = {"dpo": "rm"}  # DPO learns from the reward model's preference pairs
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,9 @@ def step_records(
     seed: int,
     eval_sources: Sequence[DataSource] = (),
 ) -> StepData:
-    """The training and eval records of `step` ("sft", "rm" or "ppo"); see the module docstring."""
+    """The training and eval records of `step` ("sft", "rm" or "ppo"; "dpo" reads the rm slice);
+    see the module docstring."""
+    step = SLICE_OF.get(step, step)
     if step not in STEPS:
         raise ValueError(f"unknown step {step!r}; valid steps: {', '.join(STEPS)}")
     if not sources:

@@ -203,43 +203,59 @@ def tokenize_pairs(
     cache_dir: str | None = None,
     max_dropped: float = MAX_DROPPED_FRACTION,
     drop_identical: bool = True,
+    answer_masks: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Reward-model pairs: prompt + chosen + EOS and prompt + rejected + EOS.
+    """Preference pairs: prompt + chosen + EOS and prompt + rejected + EOS.
 
     Returns int32 {chosen_ids, chosen_mask, rejected_ids, rejected_mask}, each
-    [pairs, max_seq_len], right padded and cut to `max_seq_len` (keeping the start). A pair whose
-    two sides are the same after the cut compares nothing: it is dropped and counted, and more
-    than `max_dropped` of them is an error.
+    [pairs, max_seq_len], right padded and cut to `max_seq_len` (keeping the start); with
+    `answer_masks` (DPO) also {chosen,rejected}_loss_mask, 1 on each answer and its EOS. A pair
+    whose two sides are the same after the cut compares nothing, and with `answer_masks` one
+    whose side lost its whole answer says nothing: it is dropped and counted, and more than
+    `max_dropped` of them is an error.
     """
     _check_records(records)
     for index, record in enumerate(records):
         if record.rejected is None:
-            raise ValueError(f"record {index} has no rejected response; reward-model data needs pairs")
+            raise ValueError(f"record {index} has no rejected response; preference data needs pairs")
     _check_width("max_seq_len", max_seq_len)
     eos, pad = _eos_and_pad(tokenizer)
     prefix = _leading_special_ids(tokenizer)
-    settings = {"max_seq_len": max_seq_len, "drop_identical": drop_identical}
+    settings = {
+        "max_seq_len": max_seq_len,
+        "drop_identical": drop_identical,
+        **({"answer_masks": True} if answer_masks else {}),
+    }
 
     def build() -> dict[str, np.ndarray]:
         prompts = _encode(tokenizer, [record.prompt for record in records])
         sides = {}
         for side in ("chosen", "rejected"):
-            responses = _encode(tokenizer, [getattr(record, side) for record in records])
+            answers = _encode(tokenizer, [getattr(record, side) for record in records])
             sides[side] = [
-                (prefix + prompt + response + [eos])[:max_seq_len]
-                for prompt, response in zip(prompts, responses, strict=True)
+                (
+                    (prefix + prompt + answer + [eos])[:max_seq_len],
+                    ([0] * (len(prefix) + len(prompt)) + [1] * (len(answer) + 1))[:max_seq_len],
+                )
+                for prompt, answer in zip(prompts, answers, strict=True)
             ]
+        chosen, rejected = sides["chosen"], sides["rejected"]
         kept = [
-            row for row in range(len(records)) if not drop_identical or sides["chosen"][row] != sides["rejected"][row]
+            row
+            for row in range(len(records))
+            if (not drop_identical or chosen[row][0] != rejected[row][0])
+            and (not answer_masks or (any(chosen[row][1]) and any(rejected[row][1])))
         ]
         arrays = {"dropped": np.array([len(records) - len(kept)])}
         for side, rows in sides.items():
-            padded = _right_padded([(rows[row], [1] * len(rows[row])) for row in kept], max_seq_len, pad)
+            padded = _right_padded([rows[row] for row in kept], max_seq_len, pad)
             arrays[f"{side}_ids"], arrays[f"{side}_mask"] = padded["input_ids"], padded["attention_mask"]
+            if answer_masks:
+                arrays[f"{side}_loss_mask"] = padded["loss_mask"]
         return arrays
 
     arrays = cached_arrays(cache_dir, "pairs", _cache_key("pairs", records, tokenizer, settings), build)
-    why = f"became identical when cut to max_seq_len={max_seq_len}"
+    why = f"became identical{' or lost their answer' if answer_masks else ''} when cut to max_seq_len={max_seq_len}"
     return _count_dropped(arrays, len(records), "preference-pair", why, max_dropped)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxrlhf.models.layers import Dense, LoraParam
@@ -41,3 +42,13 @@ def trainable_filter(lora_rank: int):
     """What the optimizer updates: with LoRA on, the adapters and a value model's new head (it starts
     at zero and has no adapter); every parameter otherwise."""
     return nnx.Any(LoraParam, nnx.PathContains("value_head")) if lora_rank > 0 else nnx.Param
+
+
+def adapters_off(params: nnx.State) -> nnx.State:
+    """A trainable state with every LoRA B set to zero: exactly the frozen base model, which
+    serves as the reference policy (PPO, DPO) without a second copy of the weights."""
+    flat = [
+        (path, v.replace(value=jnp.zeros_like(v.get_value())) if path[-1] == "lora_b" else v)
+        for path, v in nnx.to_flat_state(params)
+    ]
+    return nnx.from_flat_state(flat)

@@ -41,7 +41,12 @@ from jaxrlhf.plan.estimate import (
 from jaxrlhf.plan.estimate import estimate as estimate_job
 
 GIB = 2**30
-STEP_MODELS = {"sft": ("sft",), "rm": ("rm",), "ppo": ("actor", "critic", "reward model")}  # whose config.json
+STEP_MODELS = {
+    "sft": ("sft",),
+    "rm": ("rm",),
+    "dpo": ("dpo",),
+    "ppo": ("actor", "critic", "reward model"),
+}  # whose config.json
 
 
 class PlanError(ValueError):
@@ -180,6 +185,7 @@ def model_sources(config, builtin_dir) -> dict[str, str]:
 
     sources = {"sft": config.sft.model.path}
     sources["rm"] = source(config.rm.model.path, "sft", sources["sft"])
+    sources["dpo"] = source(config.dpo.model.path, "sft", sources["sft"])
     sources["actor"] = source(config.ppo.actor_model.path, "sft", sources["sft"])
     sources["critic"] = source(config.ppo.critic_model.path, "rm", sources["rm"])
     reward = config.ppo.reward_model.path
@@ -216,20 +222,17 @@ def trained_line(role: str, estimate: Estimate) -> Line:
 
 
 def plan_supervised(step: str, settings, config: DecoderConfig, target: Target, remat: dict, accum: int) -> StepPlan:
-    """SFT (a causal LM on `batch_size` rows) or the reward model (a value model on both sides
-    of `batch_size` pairs)."""
-    rows = settings.batch_size * (2 if step == "rm" else 1)
+    """SFT (a causal LM on `batch_size` rows), the reward model (a value model on both sides of
+    `batch_size` pairs) or DPO (a causal LM on both sides, beside a frozen copy of its starting
+    weights unless LoRA makes the base the reference)."""
+    rows = settings.batch_size * (1 if step == "sft" else 2)
     job = Job(step, config, step == "rm", settings.lora.rank, rows, accum, settings.max_seq_len)
     estimate = estimate_job(job, target.training_rules, target.mesh, target.platform)
-    return StepPlan(
-        step,
-        target.mesh_shape,
-        [trained_line(step, estimate)],
-        {"train": estimate.total(remat[step])},
-        remat,
-        accum,
-        target.budget,
-    )
+    lines = [trained_line(step, estimate)]
+    if step == "dpo" and not settings.lora.rank:
+        lines.append(Line("reference", estimate.params + estimate.frozen))
+    train = estimate.total(remat[step]) + sum(line.weights for line in lines[1:])
+    return StepPlan(step, target.mesh_shape, lines, {"train": train}, remat, accum, target.budget)
 
 
 def plan_ppo(ppo, generation, configs: dict[str, DecoderConfig], target: Target, remat: dict, accum: int) -> StepPlan:
@@ -335,7 +338,7 @@ def plan_run(config, target: Target, builtin_dir) -> list[StepPlan]:
     sources = model_sources(config, builtin_dir)
     plans = []
     for step in config.steps:
-        if step in ("sft", "rm"):
+        if step in ("sft", "rm", "dpo"):
             settings = getattr(config, step)
             model = decoder_config(sources[step], settings.model)
             build = lambda remat, accum, step=step, settings=settings, model=model: plan_supervised(

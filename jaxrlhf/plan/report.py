@@ -48,6 +48,8 @@ def dry_run_rows(config, plans: list[StepPlan], devices):
     mesh = make_mesh(**target.mesh_shape, devices=devices)
     sources = model_sources(chosen, builtin_dir(chosen))
     for step in chosen.steps:
+        if step == "dpo":
+            continue  # not dry-run yet: planned only
         if step in ("sft", "rm"):
             settings = getattr(chosen, step)
             model = decoder_config(sources[step], settings.model)

@@ -17,7 +17,9 @@ from flax import nnx
 
 from jaxrlhf.data.batches import BatchIterator
 from jaxrlhf.generation.hybrid_engine import GenerationTimings, HybridEngine
-from jaxrlhf.rl.roles import ModelStates, RoleStates, adapters_off
+from jaxrlhf.models.lora import adapters_off
+from jaxrlhf.rl.ppo_math import logprob_agreement
+from jaxrlhf.rl.roles import ModelStates, RoleStates
 from jaxrlhf.rl.update import PPOState
 
 
@@ -64,6 +66,7 @@ def run_iteration(loop: PPOLoop, state: PPOState, iteration: int, kl_coef: float
         loop.experience_fn(states, rollout.tokens, rollout.attention_mask, jnp.float32(kl_coef))
     )
     experience_s = time.perf_counter() - clock
+    agreement = logprob_agreement(rollout.logprobs, experience.old_logprobs, rollout.attention_mask, loop.prompt_len)
     ptx = None
     if loop.ptx_rows is not None:  # one pretraining batch per minibatch
         rows = loop.device_batch(next(loop.ptx_rows))
@@ -71,7 +74,7 @@ def run_iteration(loop: PPOLoop, state: PPOState, iteration: int, kl_coef: float
     clock = time.perf_counter()
     state, metrics = jax.block_until_ready(loop.update_fn(state, experience, ptx, jax.random.fold_in(key, 1)))
     train_s = time.perf_counter() - clock
-    stats = {k: float(v) for k, v in jax.device_get({**stats, **metrics}).items()}
+    stats = {k: float(v) for k, v in jax.device_get({**stats, **agreement, **metrics}).items()}
     stats.update(
         iteration_timings(
             timings,

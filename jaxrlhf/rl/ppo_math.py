@@ -224,3 +224,19 @@ def adaptive_kl_update(kl_coef, observed_kl, n_steps, *, target, horizon):
     """
     error = jnp.clip(jnp.asarray(observed_kl, jnp.float32) / target - 1.0, -0.2, 0.2)
     return jnp.asarray(kl_coef, jnp.float32) * (1.0 + error * n_steps / horizon)
+
+
+def logprob_agreement(rollout_logprobs, old_logprobs, attention_mask, prompt_len: int, *, tolerance: float = 1e-3):
+    """How far the log-probs recorded while generating ([batch, new], the generation layout) are
+    from the training forward's for the same tokens before any update (`old_logprobs`
+    [batch, T-1]: token t + 1 given tokens <= t): mean and max absolute difference over the answer
+    tokens, and the share above `tolerance`. One model code for both: expected at rounding level."""
+    new = rollout_logprobs.shape[1]
+    answer = attention_mask[:, prompt_len : prompt_len + new].astype(jnp.float32)  # answer tokens, EOS included
+    training = old_logprobs[:, prompt_len - 1 : prompt_len - 1 + new]
+    gap = jnp.abs(rollout_logprobs - training) * answer
+    return {
+        "logprob_gap_mean": masked_mean(gap, answer),
+        "logprob_gap_max": gap.max(),
+        "logprob_gap_share_over_1e-3": masked_mean((gap > tolerance).astype(jnp.float32), answer),
+    }

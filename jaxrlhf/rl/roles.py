@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxrlhf.config import PREVIOUS_STAGE
@@ -105,13 +104,3 @@ def load_roles(ctx) -> LoadedRoles:
         reward_model=load_model(ctx, sources["reward_model"], ppo.reward_model, value_head=True),
         sources={**sources, "actor_ema": sources["actor"]},
     )
-
-
-def adapters_off(params: nnx.State) -> nnx.State:
-    """The actor's trainable state with every LoRA B set to zero: exactly the frozen base model,
-    which serves as the reference policy without a second copy of the weights."""
-    flat = [
-        (path, v.replace(value=jnp.zeros_like(v.get_value())) if path[-1] == "lora_b" else v)
-        for path, v in nnx.to_flat_state(params)
-    ]
-    return nnx.from_flat_state(flat)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -19,6 +20,7 @@ from jaxrlhf.checkpoint import maybe_kill_after_checkpoint
 from jaxrlhf.data.batches import BatchIterator, BatchPosition
 from jaxrlhf.metrics import count_params, progress, throughput, training_flops_per_token
 from jaxrlhf.models import export_model, load_tokenizer
+from jaxrlhf.models.lora import adapters_off
 from jaxrlhf.preflight import check_sequence_fits
 from jaxrlhf.run_context import RunContext
 from jaxrlhf.train_state import (
@@ -46,6 +48,9 @@ class SupervisedJob:
     loss_fn: LossFn  # (model, batch) -> (loss, metrics); also used for evaluation
     count_tokens: Callable[[dict[str, np.ndarray]], int]  # real tokens in a batch, for throughput
     data_seed: int
+    # DPO: graphdef -> a jitted (params, frozen, batch) -> arrays added to each batch, run on the
+    # frozen reference (the starting weights, or under LoRA the base with adapters off)
+    reference: Callable | None = None
 
 
 def run_supervised(ctx: RunContext, job: SupervisedJob) -> tuple[dict, dict]:
@@ -70,7 +75,14 @@ def total_steps(stage, rows: int) -> int:
 
 
 def evaluate(
-    ctx: RunContext, eval_step, params, frozen, arrays: dict[str, np.ndarray], batch_size: int, max_batches: int
+    ctx: RunContext,
+    eval_step,
+    params,
+    frozen,
+    arrays: dict[str, np.ndarray],
+    batch_size: int,
+    max_batches: int,
+    prepare: Callable = lambda batch: batch,
 ) -> dict[str, float]:
     """Mean metrics over the first `max_batches` full batches of the eval set, in order."""
     rows = len(next(iter(arrays.values())))
@@ -84,7 +96,7 @@ def evaluate(
     totals: dict[str, float] = {}
     batches = min(max_batches, iterator.batches_per_epoch)
     for _ in range(batches):
-        metrics = jax.device_get(eval_step(params, frozen, ctx.device_batch(next(iterator))))
+        metrics = jax.device_get(eval_step(params, frozen, prepare(ctx.device_batch(next(iterator)))))
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + float(value) / batches
     return totals
@@ -99,6 +111,7 @@ def train_supervised(ctx: RunContext, job: SupervisedJob, model: nnx.Module, tra
     steps = total_steps(stage, rows)
     optimizer = make_optimizer(stage.optimizer, steps)
     schedule = learning_rate_schedule(stage.optimizer, steps)
+    prepare = reference_inputs(job, graphdef, params, frozen, stage.lora.rank)
     state = init_train_state(params, frozen, optimizer)
     train_step = make_train_step(graphdef, job.loss_fn, optimizer, stage.grad_accum_steps, shardings_of(state))
     eval_step = make_eval_step(graphdef, job.loss_fn)
@@ -112,7 +125,14 @@ def train_supervised(ctx: RunContext, job: SupervisedJob, model: nnx.Module, tra
     checkpointer, latest = ctx.open_checkpoints(job.name)
 
     evaluate_now = lambda: evaluate(
-        ctx, eval_step, state.params, state.frozen, eval_arrays, stage.batch_size, stage.eval_batches
+        ctx,
+        eval_step,
+        state.params,
+        state.frozen,
+        eval_arrays,
+        stage.batch_size,
+        stage.eval_batches,
+        lambda batch: prepare(state, batch),
     )
     start = 0
     if latest is not None:
@@ -135,7 +155,7 @@ def train_supervised(ctx: RunContext, job: SupervisedJob, model: nnx.Module, tra
     for step in range(start, steps):
         local_rows = next(iterator)
         tokens += job.count_tokens(local_rows) * jax.process_count()
-        state, metrics = train_step(state, ctx.device_batch(local_rows))
+        state, metrics = train_step(state, prepare(state, ctx.device_batch(local_rows)))
         bar.update(1)
         done = step + 1
         if done % config.log_every == 0 or done == steps:
@@ -156,3 +176,16 @@ def train_supervised(ctx: RunContext, job: SupervisedJob, model: nnx.Module, tra
     ctx.logger.log(steps, last_eval, prefix=f"{job.name}/eval")
     checkpointer.close()
     return nnx.merge(graphdef, state.params, state.frozen), first_eval, last_eval
+
+
+def reference_inputs(job: SupervisedJob, graphdef, params, frozen, lora_rank: int) -> Callable:
+    """`(state, batch) -> batch` with the job's reference arrays added (the batch unchanged
+    without a reference). The reference is a copy of the starting weights (taken before the train
+    state takes them over), or under LoRA the live base with adapters off (no copy)."""
+    if job.reference is None:
+        return lambda state, batch: batch
+    run_reference = job.reference(graphdef)
+    if lora_rank:
+        return lambda state, batch: {**batch, **run_reference(adapters_off(state.params), state.frozen, batch)}
+    start = jax.tree.map(jnp.copy, (params, frozen))
+    return lambda state, batch: {**batch, **run_reference(*start, batch)}
