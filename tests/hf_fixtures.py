@@ -40,6 +40,7 @@ def tiny_hf_configs():
             rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
         ),
         "qwen2_bias_tied": transformers.Qwen2Config(**common, num_key_value_heads=4, tie_word_embeddings=True),
+        "qwen3_qk_norm": transformers.Qwen3Config(**common, num_key_value_heads=2, head_dim=16),
         "mistral": transformers.MistralConfig(**common, num_key_value_heads=2, sliding_window=4096),
         "mistral_window4": transformers.MistralConfig(**common, num_key_value_heads=2, sliding_window=4),
         # head_dim 64: the smallest the decode kernel takes (its bf16 tiles are 64 wide)

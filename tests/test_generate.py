@@ -19,7 +19,15 @@ from jaxrlhf.models import CausalLM, load_pretrained
 from jaxrlhf.models.lora import apply_lora
 from jaxrlhf.parallel import TRAINING_RULES, make_mesh
 
-FAMILIES = ["llama_gqa_llama3", "qwen2_bias_tied", "mistral", "mistral_window4", "opt", "opt_proj_postln"]
+FAMILIES = [
+    "llama_gqa_llama3",
+    "qwen2_bias_tied",
+    "qwen3_qk_norm",
+    "mistral",
+    "mistral_window4",
+    "opt",
+    "opt_proj_postln",
+]
 EOS, PAD, NEW = 7, 1, 10
 
 

@@ -39,7 +39,7 @@ def test_logits_match_transformers_on_left_and_right_padding(model_dirs, name):
         assert relative_error(ours, reference, mask) < 1e-4, (name, "left" if left else "right")
 
 
-@pytest.mark.parametrize("name", ["llama_gqa_llama3", "qwen2_bias_tied", "opt_proj_postln"])
+@pytest.mark.parametrize("name", ["llama_gqa_llama3", "qwen2_bias_tied", "qwen3_qk_norm", "opt_proj_postln"])
 def test_save_pretrained_round_trips_through_transformers(model_dirs, name, tmp_path):
     model = load_pretrained(model_dirs[name])
     save_pretrained(model, str(tmp_path / "export"))
@@ -100,3 +100,15 @@ def test_value_model_exports_as_sequence_classification(model_dirs, name, tmp_pa
     np.testing.assert_allclose(scores, values[np.arange(len(ids)), last], rtol=1e-4, atol=1e-5)
     reloaded = load_pretrained(str(tmp_path / "rm"), model_cls=ValueModel)
     np.testing.assert_allclose(np.asarray(reloaded(jnp.asarray(ids), jnp.asarray(mask))), values, atol=1e-5)
+
+
+@pytest.mark.parametrize("tensor", [2, 4])
+def test_qwen3_query_key_norms_shard_over_tensor_like_one_device(model_dirs, tensor):
+    from jaxrlhf.parallel import TRAINING_RULES, make_mesh
+
+    ids, mask = padded_batch(LENGTHS, 12, left=True)
+    single = np.asarray(load_pretrained(model_dirs["qwen3_qk_norm"])(jnp.asarray(ids), jnp.asarray(mask)))
+    mesh = make_mesh(fsdp=8 // tensor, tensor=tensor)
+    sharded = load_pretrained(model_dirs["qwen3_qk_norm"], mesh=mesh, rules=TRAINING_RULES)
+    out = np.asarray(jax.jit(lambda i, m: sharded(i, m))(jnp.asarray(ids), jnp.asarray(mask)))
+    assert relative_error(out, single, mask) < 1e-5

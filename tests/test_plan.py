@@ -155,10 +155,11 @@ def test_a_config_that_cannot_fit_exits_2_with_the_table(tmp_path):
 
 
 def test_plan_compiles_every_program_of_the_pipeline_from_shapes(tmp_path):
-    """`--compile` on simulated devices: the SFT and RM steps and PPO's generate, experience and
-    update programs, each reported beside the planner's figure."""
+    """`--compile` on simulated devices: the SFT, RM and DPO steps and PPO's generate, experience
+    and update programs, each reported beside the planner's figure."""
     result = run_module(
         "jaxrlhf.plan",
+        "steps=[sft,rm,dpo,ppo]",
         f"output_dir={tmp_path}",
         "--devices",
         "2",
@@ -172,6 +173,7 @@ def test_plan_compiles_every_program_of_the_pipeline_from_shapes(tmp_path):
     assert reported == [
         ["sft", "train"],
         ["rm", "train"],
+        ["dpo", "train"],
         ["ppo", "generate"],
         ["ppo", "experience"],
         ["ppo", "update"],

@@ -11,7 +11,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_MODEL_TYPES = LLAMA_FAMILY + ("opt",)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -35,6 +35,7 @@ class DecoderConfig:
     gated_mlp: bool = True  # SwiGLU (gate * up) vs a plain fc1 -> act -> fc2
     mlp_bias: bool = False
     qkv_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's queries and keys, before rotary
     out_bias: bool = False
     positions: str = "rope"  # "rope" or "learned" (OPT)
     rope_theta: float = 10000.0
@@ -93,10 +94,12 @@ def _llama_family_fields(hf: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     rope["rope_type"] = rope_type
     bias = bool(hf.get("attention_bias", False))
-    is_qwen2 = hf["model_type"] == "qwen2"
+    is_qwen2, is_qwen3 = hf["model_type"] == "qwen2", hf["model_type"] == "qwen3"
     sliding_window = hf.get("sliding_window")
-    if is_qwen2 and not hf.get("use_sliding_window", False):
+    if (is_qwen2 or is_qwen3) and not hf.get("use_sliding_window", False):
         sliding_window = None
+    if is_qwen3 and sliding_window is not None:
+        raise ValueError("qwen3 with use_sliding_window=true (windows on some layers only) is not supported")
     return dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -112,6 +115,7 @@ def _llama_family_fields(hf: dict[str, Any]) -> dict[str, Any]:
         gated_mlp=True,
         mlp_bias=bool(hf.get("mlp_bias", False)),
         qkv_bias=True if is_qwen2 else bias,
+        qk_norm=is_qwen3,
         out_bias=False if is_qwen2 else bias,
         positions="rope",
         rope_theta=float(rope_theta),

@@ -48,7 +48,7 @@ _RENAMES = {
     },
 }
 _LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
-_FAMILY_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "opt": "OPT"}
+_FAMILY_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "opt": "OPT"}
 # Parameters a checkpoint may lack, e.g. the value head of a critic started from a causal LM.
 _OPTIONAL = {("value_head", "kernel")}
 

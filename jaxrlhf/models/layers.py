@@ -183,12 +183,16 @@ class Attention(nnx.Module):
         self.k_proj = dense((e,), (kv, d), ("embed",), ("kv_heads", "head_dim"), config.qkv_bias)
         self.v_proj = dense((e,), (kv, d), ("embed",), ("kv_heads", "head_dim"), config.qkv_bias)
         self.o_proj = dense((n, d), (e,), ("heads", "head_dim"), ("embed",), config.out_bias)
+        self.q_norm = Norm(d, config, rngs, stack) if config.qk_norm else None
+        self.k_norm = Norm(d, config, rngs, stack) if config.qk_norm else None
         self.use_rope = config.positions == "rope"
         self.implementation = config.attention
 
     def project(self, x, positions, inv_freq):
         """x [b, t, e] -> q [b, t, heads, d], k and v [b, t, kv_heads, d], rotary applied."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None:  # per head, over head_dim
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         return q, k, v

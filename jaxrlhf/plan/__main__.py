@@ -4,8 +4,8 @@ Prints, for every configured step, the bytes per device of each role (weights, g
 optimizer state, activations under each remat policy, logits, the generation copy and its KV
 cache) on the configured mesh, and the remat and gradient accumulation `remat: auto` takes.
 Reads each model's config.json only. `--devices N` plans for N devices (simulated CPU devices
-for `--compile`); `--compile` also compiles the real jitted programs from shapes (SFT and RM
-steps; PPO generate, experience and update) and prints XLA's memory_analysis() beside the
+for `--compile`); `--compile` also compiles the real jitted programs from shapes (SFT, RM and
+DPO steps; PPO generate, experience and update) and prints XLA's memory_analysis() beside the
 estimate. Exits 2 with a one-line reason when a step cannot fit the device memory.
 """
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import types
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from jaxrlhf.rl.experience import RewardSettings, make_experience_fn
 from jaxrlhf.rl.ppo import sampling_settings
 from jaxrlhf.rl.roles import ModelStates, RoleGraphs, RoleStates
 from jaxrlhf.rl.update import PPOState, UpdateSettings, make_ppo_update
+from jaxrlhf.steps.dpo import make_dpo_loss
 from jaxrlhf.steps.losses import language_model_loss
 from jaxrlhf.steps.reward_model import make_reward_loss
 from jaxrlhf.train_state import (
@@ -55,12 +57,33 @@ def compiled_bytes(compiled) -> int:
     return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
 
-def compile_training_step(
-    job: Job, remat: str, rules: Rules, mesh: Mesh, reward_loss=("final_token", 0.0), packing: bool = False
-):
-    """The SFT step (a causal LM; `packing`: rows with positions and segment ids) or the
-    reward-model step (a value model, `job.batch` counting both sides of the pairs; `reward_loss`
-    = (rm.loss, rm.centering_coef)) for `job`, compiled from shapes with its state sharded by `rules`."""
+def step_inputs(step: str, settings, job: Job) -> tuple[Callable, dict[str, jax.ShapeDtypeStruct]]:
+    """The loss and the batch (shapes) of the SFT step (`packing`: positions and segment ids), the
+    reward model's (both sides of `job.batch // 2` pairs, rm.loss) or DPO's (both sides with
+    answer masks, and the reference's log-probs of each)."""
+    rows, seq = job.batch, job.seq
+    if step == "sft":
+        names = ("input_ids", "attention_mask", "loss_mask")
+        names += ("positions", "segment_ids") if getattr(settings, "packing", False) else ()
+        return language_model_loss, {name: jax.ShapeDtypeStruct((rows, seq), jnp.int32) for name in names}
+    suffixes = ("ids", "mask", "loss_mask") if step == "dpo" else ("ids", "mask")
+    batch = {
+        f"{side}_{s}": jax.ShapeDtypeStruct((rows // 2, seq), jnp.int32)
+        for side in ("chosen", "rejected")
+        for s in suffixes
+    }
+    if step == "rm":
+        return make_reward_loss(settings.loss, settings.centering_coef), batch
+    batch.update(
+        {f"reference_{side}": jax.ShapeDtypeStruct((rows // 2,), jnp.float32) for side in ("chosen", "rejected")}
+    )
+    return make_dpo_loss(settings), batch
+
+
+def compile_training_step(job: Job, remat: str, rules: Rules, mesh: Mesh, step: str | None = None, settings=None):
+    """The jitted train step of `step` ("sft", "rm" or "dpo"; by default SFT, or the reward model
+    for a value-head job with the final-token loss), compiled from shapes with its state sharded
+    by `rules` and its batch rows over the data-parallel axes."""
     config = dataclasses.replace(job.config, remat=remat)
     graphdef, params, frozen = split_for_training(abstract_model(config, job.value_head, job.lora_rank), job.lora_rank)
     optimizer = make_optimizer(ADAMW, total_steps=100)
@@ -69,18 +92,16 @@ def compile_training_step(
     init = train_state_initializer(optimizer, params)
     init_compiled = init.lower(params, frozen).compile()
     state = placed(jax.eval_shape(init, params, frozen), init_compiled.output_shardings)
-    if job.value_head:
-        pairs = job.batch // 2
-        names = ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")
-        batch, loss_fn = {n: (pairs, job.seq) for n in names}, make_reward_loss(*reward_loss)
-    else:
-        names = ("input_ids", "attention_mask", "loss_mask") + (("positions", "segment_ids") if packing else ())
-        batch, loss_fn = {n: (job.batch, job.seq) for n in names}, language_model_loss
-    rows: NamedSharding = batch_sharding(mesh, 2, rules)
-    batch = {n: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows) for n, shape in batch.items()}
-    step = make_train_step(graphdef, loss_fn, optimizer, job.grad_accum, shardings_of(state))
+    step = step or ("rm" if job.value_head else "sft")
+    settings = settings or types.SimpleNamespace(loss="final_token", centering_coef=0.0)
+    loss_fn, batch = step_inputs(step, settings, job)
+    batch = {
+        name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding(mesh, x.ndim, rules))
+        for name, x in batch.items()
+    }
+    train_step = make_train_step(graphdef, loss_fn, optimizer, job.grad_accum, shardings_of(state))
     with activation_sharding(mesh, rules):
-        return step.lower(state, batch).compile()
+        return train_step.lower(state, batch).compile()
 
 
 def placed(tree, shardings):

@@ -48,21 +48,17 @@ def dry_run_rows(config, plans: list[StepPlan], devices):
     mesh = make_mesh(**target.mesh_shape, devices=devices)
     sources = model_sources(chosen, builtin_dir(chosen))
     for step in chosen.steps:
-        if step == "dpo":
-            continue  # not dry-run yet: planned only
-        if step in ("sft", "rm"):
+        if step in ("sft", "rm", "dpo"):
             settings = getattr(chosen, step)
             model = decoder_config(sources[step], settings.model)
-            rows = settings.batch_size * (2 if step == "rm" else 1)
+            rows = settings.batch_size * (1 if step == "sft" else 2)
             job = Job(
                 step, model, step == "rm", settings.lora.rank, rows, settings.grad_accum_steps, settings.max_seq_len
             )
-            reward_loss = (settings.loss, settings.centering_coef) if step == "rm" else ("final_token", 0.0)
-            packing = step == "sft" and settings.packing
-            compiled = compile_training_step(
-                job, settings.model.remat, target.training_rules, mesh, reward_loss, packing
-            )
-            yield step, "train", compiled_bytes(compiled), same_platform[step].phases["train"]
+            compiled = compile_training_step(job, settings.model.remat, target.training_rules, mesh, step, settings)
+            # beside the program: DPO's frozen reference (a resident copy unless LoRA)
+            resident = sum(line.weights for line in same_platform[step].lines[1:])
+            yield step, "train", compiled_bytes(compiled) + resident, same_platform[step].phases["train"]
         else:
             ppo = chosen.ppo
             models = {"actor": ppo.actor_model, "critic": ppo.critic_model, "reward model": ppo.reward_model}
