@@ -63,7 +63,9 @@ def test_unknown_model_type(model_dir, tmp_path):
     config = json.load(open(os.path.join(path, "config.json")))
     config["model_type"] = "bloom"
     json.dump(config, open(os.path.join(path, "config.json"), "w"))
-    with pytest.raises(ValueError, match="unsupported model_type 'bloom'; supported: llama, mistral, qwen2, opt"):
+    with pytest.raises(
+        ValueError, match="unsupported model_type 'bloom'; supported: llama, mistral, qwen2, qwen3, opt"
+    ):
         load_pretrained(path)
 
 

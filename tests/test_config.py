@@ -96,6 +96,8 @@ def test_list_and_nested_overrides(tmp_path):
     "argv, message",
     [
         (["steps=[sft,foo]"], r"^steps\[1\]: .*'foo'.*\['sft', 'rm', 'dpo', 'ppo'\]"),
+        (["dpo.loss=ipo", "dpo.label_smoothing=0.1"], r"^dpo\.label_smoothing: applies to loss=sigmoid only"),
+        (["steps=[dpo,sft]"], r"^steps: must be distinct and in pipeline order sft, rm, dpo, ppo"),
         (["steps=[rm,sft]"], r"^steps: must be distinct and in pipeline order"),
         (["sft.optimizer.learning_rate=-1e-3"], r"^sft\.optimizer\.learning_rate: must be >= 0"),
         (["ppo.preset=bar"], r"^ppo\.preset: 'bar' is not one of stable, deepspeed_chat$"),

@@ -56,8 +56,9 @@ def test_the_policy_is_pushed_toward_the_chosen_answer():
     grad = jax.grad(lambda pc, pr: preference_loss(pc, pr, 0.0, 0.0, beta=0.1)[0], argnums=(0, 1))
     d_chosen, d_rejected = grad(jnp.array([-5.0]), jnp.array([-5.0]))
     assert float(d_chosen[0]) < 0 < float(d_rejected[0])  # descent raises log pi(chosen), lowers log pi(rejected)
-    at_policy = preference_loss(jnp.array([-5.0]), jnp.array([-6.0]), -5.0, -6.0, beta=0.1)[0]
+    at_policy, metrics = preference_loss(jnp.array([-5.0]), jnp.array([-6.0]), -5.0, -6.0, beta=0.1)
     assert float(at_policy) == pytest.approx(np.log(2))  # the policy equal to the reference: log 2
+    assert float(metrics["accuracy"]) == 0.5  # and every pair a tie, counted half
     with pytest.raises(ValueError, match="dpo loss"):
         preference_loss(**LOGPS, beta=0.1, kind="hinge")
 
@@ -113,11 +114,15 @@ def run_dpo_steps(path, mesh=None, steps=3):
     reference = jax.tree.map(jnp.copy, (params, frozen))
     state = init_train_state(params, frozen, optimizer)
     step = make_train_step(graphdef, make_dpo_loss(stage), optimizer, 1, shardings_of(state))
-    run_reference = reference_logprobs(average=False)(graphdef)
+    run_reference = reference_logprobs(average=False, microbatches=2)(graphdef)
+    whole = reference_logprobs(average=False, microbatches=1)(graphdef)
     batch = dpo_batch()
     if mesh is not None:
         batch = jax.device_put(batch, batch_sharding(mesh))
-    batch = {**batch, **run_reference(*reference, batch)}
+    in_parts, at_once = run_reference(*reference, batch), whole(*reference, batch)
+    for name in in_parts:
+        np.testing.assert_allclose(in_parts[name], at_once[name], rtol=1e-6)
+    batch = {**batch, **in_parts}
     losses, accuracies = [], []
     with CompileCounter() as counter:
         for _ in range(steps):

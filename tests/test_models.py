@@ -112,3 +112,16 @@ def test_qwen3_query_key_norms_shard_over_tensor_like_one_device(model_dirs, ten
     sharded = load_pretrained(model_dirs["qwen3_qk_norm"], mesh=mesh, rules=TRAINING_RULES)
     out = np.asarray(jax.jit(lambda i, m: sharded(i, m))(jnp.asarray(ids), jnp.asarray(mask)))
     assert relative_error(out, single, mask) < 1e-5
+
+
+@pytest.mark.parametrize("config_class", [transformers.Qwen2Config, transformers.Qwen3Config])
+def test_a_sliding_window_on_some_layers_only_is_refused_not_ignored(config_class):
+    from jaxrlhf.models import DecoderConfig
+
+    sizes = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=8)
+    every_layer = config_class(**sizes, use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    assert DecoderConfig.from_hf(every_layer.to_dict()).sliding_window == 8
+    assert DecoderConfig.from_hf(config_class(**sizes).to_dict()).sliding_window is None  # off unless asked
+    some_layers = config_class(**sizes, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    with pytest.raises(ValueError, match="max_window_layers=1"):
+        DecoderConfig.from_hf(some_layers.to_dict())

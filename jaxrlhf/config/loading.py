@@ -89,6 +89,8 @@ NO_EFFECT_ON_RESULTS = (
     "sft.eval_batches",
     "rm.eval_every",
     "rm.eval_batches",
+    "dpo.eval_every",
+    "dpo.eval_batches",
     "ppo.eval_prompts",
 )
 

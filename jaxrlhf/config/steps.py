@@ -94,6 +94,11 @@ class DPOConfig(SupervisedStepConfig):
             f"{key}.label_smoothing",
             f"must be in [0, 0.5), got {self.label_smoothing}",
         )
+        require(
+            self.loss == "sigmoid" or self.label_smoothing == 0,
+            f"{key}.label_smoothing",
+            "applies to loss=sigmoid only (IPO has no label smoothing)",
+        )
 
 
 @dataclass

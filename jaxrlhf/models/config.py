@@ -98,8 +98,13 @@ def _llama_family_fields(hf: dict[str, Any]) -> dict[str, Any]:
     sliding_window = hf.get("sliding_window")
     if (is_qwen2 or is_qwen3) and not hf.get("use_sliding_window", False):
         sliding_window = None
-    if is_qwen3 and sliding_window is not None:
-        raise ValueError("qwen3 with use_sliding_window=true (windows on some layers only) is not supported")
+    # Qwen2/3 window only the layers from max_window_layers on; one window for every layer is all we run
+    partial = (is_qwen2 or is_qwen3) and hf.get("max_window_layers", 0) not in (0, None)
+    if sliding_window is not None and partial:
+        raise ValueError(
+            f"{hf['model_type']} with use_sliding_window=true and max_window_layers={hf['max_window_layers']} "
+            "(a sliding window on some layers only) is not supported"
+        )
     return dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],

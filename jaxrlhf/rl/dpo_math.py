@@ -40,7 +40,8 @@ def preference_loss(
         losses = jnp.square(margin - 1 / (2 * beta))
     chosen_reward, rejected_reward = beta * chosen_ratio, beta * rejected_ratio
     return losses.mean(), {
-        "accuracy": (chosen_reward > rejected_reward).astype(jnp.float32).mean(),
+        # a tie (as at the start, where the policy is its reference) counts half
+        "accuracy": jnp.where(chosen_reward == rejected_reward, 0.5, chosen_reward > rejected_reward).mean(),
         "chosen_reward": chosen_reward.mean(),
         "rejected_reward": rejected_reward.mean(),
         "margin": (chosen_reward - rejected_reward).mean(),

@@ -20,7 +20,7 @@ from jaxrlhf.rl.dpo_math import preference_loss
 from jaxrlhf.rl.ppo import held_out_prompts, mean_and_se, sampling_settings
 from jaxrlhf.run_context import RunContext
 from jaxrlhf.steps.loop import SupervisedJob, run_supervised
-from jaxrlhf.train_state import split_for_training
+from jaxrlhf.train_state import split_for_training, split_microbatches
 
 
 def pair_logprobs(model, batch, average: bool):
@@ -55,14 +55,21 @@ def make_dpo_loss(stage) -> Callable:
     return loss_fn
 
 
-def reference_logprobs(average: bool) -> Callable:
-    """graphdef -> a jitted (params, frozen, batch) -> the reference's log-probs of each side."""
+def reference_logprobs(average: bool, microbatches: int) -> Callable:
+    """graphdef -> a jitted (params, frozen, batch) -> the reference's log-probs of each side,
+    computed micro-batch by micro-batch like the train step (no larger activations than it)."""
 
     def build(graphdef):
-        @jax.jit
-        def run(params, frozen, batch):
+        def one(params, frozen, batch):
             chosen, rejected = pair_logprobs(nnx.merge(graphdef, params, frozen), batch, average)
             return {"reference_chosen": chosen, "reference_rejected": rejected}
+
+        @jax.jit
+        def run(params, frozen, batch):
+            if microbatches == 1:
+                return one(params, frozen, batch)
+            parts = jax.lax.map(lambda part: one(params, frozen, part), split_microbatches(batch, microbatches))
+            return {name: value.reshape(-1) for name, value in parts.items()}
 
         return run
 
@@ -84,7 +91,7 @@ def run_dpo(ctx: RunContext, gold_reward: Callable | None = None) -> dict[str, f
         ),
         count_tokens=lambda rows: int(rows["chosen_mask"].sum() + rows["rejected_mask"].sum()),
         data_seed=ctx.config.data.seed + 5,
-        reference=reference_logprobs(stage.loss == "ipo"),
+        reference=reference_logprobs(stage.loss == "ipo", stage.grad_accum_steps),
     )
     first, last = run_supervised(ctx, job)
     values = {
