@@ -11,6 +11,7 @@ import transformers
 from flax import nnx
 from hf_fixtures import padded_batch, save_tiny_model, train_tiny_tokenizer
 
+from jaxrlhf.config import OptimizerConfig
 from jaxrlhf.data.records import Record
 from jaxrlhf.data.tokenize import tokenize_pairs
 from jaxrlhf.metrics import CompileCounter
@@ -97,20 +98,7 @@ def run_dpo_steps(path, mesh=None, steps=3):
     model = load_pretrained(path, mesh=mesh, rules=TRAINING_RULES)
     graphdef, params, frozen = split_for_training(model, 0)
     stage = types.SimpleNamespace(beta=0.5, loss="sigmoid", label_smoothing=0.0)
-    optimizer = make_optimizer(
-        types.SimpleNamespace(
-            learning_rate=1e-2,
-            weight_decay=0.0,
-            b1=0.9,
-            b2=0.95,
-            eps=1e-8,
-            schedule="constant",
-            warmup_steps=0,
-            max_grad_norm=1.0,
-            min_lr_ratio=1.0,
-        ),
-        total_steps=10,
-    )
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, schedule="constant", min_lr_ratio=1.0), 10)
     reference = jax.tree.map(jnp.copy, (params, frozen))
     state = init_train_state(params, frozen, optimizer)
     step = make_train_step(graphdef, make_dpo_loss(stage), optimizer, 1, shardings_of(state))

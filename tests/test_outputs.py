@@ -1,14 +1,13 @@
 """Reading the LM head chunk by chunk: the same log-probs, entropies and gradients as the full logits,
 and a 128k-vocabulary training step that never holds the whole float32 logits."""
 
-import types
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import transformers
 from flax import nnx
 
+from jaxrlhf.config import OptimizerConfig
 from jaxrlhf.models import CausalLM, DecoderConfig
 from jaxrlhf.models.outputs import chunked_token_logprobs, logprobs_and_entropy
 from jaxrlhf.steps.losses import language_model_loss
@@ -47,20 +46,7 @@ def test_a_128k_vocabulary_step_never_holds_the_float32_logits():
     )
     config = DecoderConfig.from_hf(hf.to_dict())
     graphdef, params, frozen = split_for_training(nnx.eval_shape(lambda: CausalLM(config, nnx.Rngs(0))), 0)
-    optimizer = make_optimizer(
-        types.SimpleNamespace(
-            learning_rate=1e-3,
-            weight_decay=0.0,
-            b1=0.9,
-            b2=0.95,
-            eps=1e-8,
-            schedule="constant",
-            warmup_steps=0,
-            max_grad_norm=1.0,
-            min_lr_ratio=0.1,
-        ),
-        10,
-    )
+    optimizer = make_optimizer(OptimizerConfig(schedule="constant"), 10)
     state = jax.eval_shape(lambda p, f: TrainState(jnp.zeros((), jnp.int32), p, f, optimizer.init(p)), params, frozen)
     batch, seq = 2, 2048
     rows = {

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxrlhf.config import OptimizerConfig
 from jaxrlhf.generation.generate import generate_from_state
 from jaxrlhf.generation.hybrid_engine import HybridEngine
 from jaxrlhf.models.config import DecoderConfig
@@ -38,17 +39,7 @@ from jaxrlhf.train_state import (
     train_state_initializer,
 )
 
-ADAMW = types.SimpleNamespace(
-    learning_rate=1e-5,
-    weight_decay=0.0,
-    b1=0.9,
-    b2=0.95,
-    eps=1e-8,
-    schedule="cosine",
-    warmup_steps=0,
-    max_grad_norm=1.0,
-    min_lr_ratio=0.1,
-)
+ADAMW = OptimizerConfig()  # the optimizer state's shapes are all the dry run needs of it
 
 
 def compiled_bytes(compiled) -> int:
