@@ -143,6 +143,16 @@ class RunContext:
         apply_lora(model, lora.rank, lora.alpha, lora.target_modules, seed=self.config.seed)
         nnx.update(model, reshard(nnx.state(model), self.rules, self.mesh))
 
+    def global_batch(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Whole-batch numpy arrays that every process holds (e.g. host reward scores) -> global
+        arrays sharded over the data axes, each device taking its rows."""
+        return {
+            name: jax.make_array_from_callback(
+                array.shape, batch_sharding(self.mesh, array.ndim, self.rules), lambda index, a=array: a[index]
+            )
+            for name, array in arrays.items()
+        }
+
     def device_batch(self, local_rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows of a global batch -> global arrays sharded over the data axes."""
         return {

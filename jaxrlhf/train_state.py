@@ -25,6 +25,21 @@ from jaxrlhf.models.lora import trainable_filter
 LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, dict]]
 
 
+@dataclasses.dataclass(frozen=True)
+class WholeBatchMean:
+    """A loss whose terms are means over the tokens (or rows) of the whole batch, so that gradient
+    accumulation gives exactly the one-batch result: `loss(model, microbatch, totals)` divides its
+    sums by the WHOLE batch's denominators `totals = count(batch)`, so the microbatches' losses,
+    metrics and gradients add up to the one-batch values, whatever the memory plan chose. Called
+    as a plain `LossFn` it is the one-batch loss."""
+
+    loss: Callable[[nnx.Module, dict, dict], tuple[jax.Array, dict]]
+    count: Callable[[dict], dict]  # batch -> {name: denominator over the whole batch}
+
+    def __call__(self, model, batch):
+        return self.loss(model, batch, self.count(batch))
+
+
 def learning_rate_schedule(optimizer_config, total_steps: int) -> optax.Schedule:
     """Linear warm-up, then cosine or linear decay to min_lr_ratio * lr, or constant."""
     peak = optimizer_config.learning_rate
@@ -184,14 +199,22 @@ def compute_copy(tree, dtype):
 
 
 def accumulate_gradients(loss_fn: LossFn, graphdef, params, frozen, batch: dict, num_microbatches: int):
-    """Mean loss, float32 gradients and metrics over microbatches, scanned (constant memory in their
-    number). The forward and backward run on a compute-dtype copy of the weights, made once: the
-    gradient of the master weights is that of the copy (the same values the per-use cast gave)."""
+    """Loss, float32 gradients and metrics of the batch, its microbatches scanned (constant memory in
+    their number). A `WholeBatchMean` loss gets the whole batch's denominators, and its microbatch
+    values are summed: equal to one batch within float32 rounding. Any other loss is averaged over
+    microbatches (exact for a mean over equal-size rows, e.g. pairs). The forward and backward run
+    on a compute-dtype copy of the weights, made once: the gradient of the master weights is that of
+    the copy (the same values the per-use cast gave)."""
     compute_dtype = nnx.merge(graphdef, params, frozen).config.compute_dtype
     working, frozen = compute_copy(params, compute_dtype), compute_copy(frozen, compute_dtype)
+    if isinstance(loss_fn, WholeBatchMean):
+        totals = loss_fn.count(batch)
+        microbatch_loss, combine = lambda model, part: loss_fn.loss(model, part, totals), jnp.sum
+    else:
+        microbatch_loss, combine = loss_fn, jnp.mean
 
     def loss_of(working, microbatch):
-        return loss_fn(nnx.merge(graphdef, working, frozen), microbatch)
+        return microbatch_loss(nnx.merge(graphdef, working, frozen), microbatch)
 
     value_and_grad = jax.value_and_grad(loss_of, has_aux=True)
 
@@ -209,8 +232,9 @@ def accumulate_gradients(loss_fn: LossFn, graphdef, params, frozen, batch: dict,
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     grad_sum, (losses, metrics) = jax.lax.scan(body, zeros, split_microbatches(batch, num_microbatches))
-    grads = jax.tree.map(lambda g, p: (g / num_microbatches).astype(p.dtype), grad_sum, params)
-    return losses.mean(), grads, jax.tree.map(jnp.mean, metrics)
+    scale = 1.0 if combine is jnp.sum else 1.0 / num_microbatches
+    grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grad_sum, params)
+    return combine(losses), grads, jax.tree.map(lambda m: combine(m, axis=0), metrics)
 
 
 def global_norm(tree) -> jax.Array:

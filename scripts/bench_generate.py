@@ -9,7 +9,8 @@ device's memory bandwidth), and ours/transformers for end-to-end generate tokens
 With --memory, nothing is allocated or timed: generate, prefill and one decode step are compiled
 from shapes alone (any size, on any machine) and XLA's temporary memory is printed against the
 KV cache, with the decode loop's cache-sized buffers and, on a GPU, XLA's bytes accessed per
-decode step against the ideal (weights and filled cache read once, new keys/values written once).
+decode step against the ideal (weights and filled cache read once, new keys/values written once);
+with --samples-per-prompt N also the FLOPs saved by prefilling each prompt once for its N samples.
 
     PYTHONPATH=$PWD JAX_PLATFORMS=cpu python scripts/bench_generate.py --hidden 256 --layers 4 --batch 8
     PYTHONPATH=$PWD python scripts/bench_generate.py --hidden 2048 --layers 16 --heads 32 --kv-heads 8 \\
@@ -42,7 +43,16 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--memory", action="store_true", help="compile from shapes only and report memory")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--samples-per-prompt",
+        type=int,
+        default=1,
+        help="with --memory, also the prefill FLOPs n samples per prompt save",
+    )
+    args = parser.parse_args(argv)
+    if args.samples_per_prompt > 1 and not args.memory:
+        parser.error("--samples-per-prompt is reported from shapes only: add --memory")
+    return args
 
 
 def best_of(repeats, fn):
@@ -143,7 +153,7 @@ def report_memory(args):
     """Compile-only report from shapes (see the module docstring)."""
     import jax
 
-    from jaxrlhf.generation.compiled_report import generation_report
+    from jaxrlhf.generation.compiled_report import generation_report, samples_per_prompt_flops
     from jaxrlhf.models import DecoderConfig
 
     shape = hf_config(args, max_len=args.prompt_len + args.new_tokens).to_dict()
@@ -156,6 +166,9 @@ def report_memory(args):
         f"({args.prompt_len} + {args.new_tokens}), {args.dtype}, jax {jax.__version__} on {device}"
     )
     print(report.summary())
+    if args.samples_per_prompt > 1:
+        n = args.samples_per_prompt
+        print(samples_per_prompt_flops(config, args.batch, args.prompt_len, args.new_tokens, n).summary(n))
 
 
 def main(argv=None):

@@ -50,7 +50,7 @@ def test_one_iteration_steps_both_models_and_reports_every_phase(prepared):
     for key in (
         "score",
         "kl",
-        "reward",
+        "advantage_mean",
         "actor_loss",
         "critic_loss",
         "clipfrac",

@@ -14,6 +14,7 @@ from jaxrlhf.parallel import TRAINING_RULES, make_mesh
 from jaxrlhf.plan.dry_run import compile_training_step, compiled_bytes
 from jaxrlhf.plan.estimate import Job, estimate
 from jaxrlhf.plan.planner import GIB, plan_run, resolved, target_for
+from jaxrlhf.plan.report import dry_run_rows, plan_for_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DSCHAT = os.path.join(ROOT, "configs", "dschat-opt-1.3b.yaml")
@@ -107,6 +108,63 @@ def test_deepspeed_chat_step_3_fits_one_80gb_gpu_with_default_settings():
     assert ppo.remat["actor"] != "none" and ppo.peak <= 72 * GIB
     assert set(ppo.phases) == {"generate", "experience", "update"}
     assert {line.role for line in ppo.lines} >= {"actor", "critic", "reference", "reward model", "generation copy"}
+
+
+# GRPO on a reward function with no KL term: the run holds no critic, reward model or reference
+GRPO = (
+    "ppo.algorithm=grpo",
+    "ppo.samples_per_prompt=4",
+    "ppo.kl_coef=0",
+    "ppo.reward=[jaxrlhf.data.builtin:format_reward]",
+)
+
+
+def step3(*overrides):
+    """The DeepSpeed-Chat step 3 alone (OPT-1.3B actor, OPT-350m critic and reward model), 80 GB."""
+    shapes = os.path.join(ROOT, "configs", "shapes")
+    models = (f"ppo.actor_model.path={shapes}/opt-1.3b", f"ppo.critic_model.path={shapes}/opt-350m")
+    return plan(dschat("steps=[ppo]", *models, *overrides))["ppo"]
+
+
+def test_a_critic_free_run_on_reward_functions_plans_the_actor_alone():
+    """16 prompts x 4 samples: the 64 answers of the DeepSpeed-Chat shape, without the critic, the
+    reward model and the reference; the same config under PPO (a critic) costs more."""
+    roomy = ("ppo.prompts_per_iteration=16", "plan.device_memory_gib=1000")  # remat none for all
+    grpo, ppo = step3(*GRPO, *roomy), step3(*GRPO, *roomy, "ppo.algorithm=ppo")
+    assert [line.role for line in grpo.lines] == ["actor", "actor EMA", "generation copy"], grpo.table()
+    assert [line.role for line in ppo.lines] == ["actor", "critic", "actor EMA", "generation copy"], ppo.table()
+    assert grpo.remat == {"actor": "none"} and "critic" not in grpo.choice()
+    critic = ppo.lines[1]
+    assert grpo.peak <= ppo.peak - critic.weights - critic.optimizer - critic.grads, (grpo.table(), ppo.table())
+    # the rows are prompts x samples: the update's as 64 prompts x 1; the KV cache of the 64
+    # decoded rows beside the 16 prefilled ones; the prefill's working set over the 16 prompts
+    default = step3("plan.device_memory_gib=1000")
+    assert [line.role for line in default.lines][2:4] == ["reference", "reward model"]
+    assert grpo.lines[0].activations == default.lines[0].activations
+    assert grpo.lines[-1].cache == default.lines[-1].cache * (64 + 16) // 64
+    assert grpo.lines[-1].working < default.lines[-1].working
+    # in 80 GB the actor keeps every activation, where under PPO it recomputes
+    tight = step3(*GRPO, "ppo.prompts_per_iteration=16")
+    assert tight.remat == {"actor": "none"} and tight.fits
+    assert step3(*GRPO, "ppo.prompts_per_iteration=16", "ppo.algorithm=ppo").remat["actor"] != "none"
+    config = resolved(dschat(*GRPO, "ppo.prompts_per_iteration=16"), [tight])
+    assert config.ppo.actor_model.remat == "none" and config.ppo.critic_model.remat == "auto"  # no critic to plan
+
+
+def test_a_critic_free_step_3_compiles_from_shapes(tmp_path):
+    """The dry run of GRPO (4 samples of 8 prompts, a reward function, no reference) on 2
+    simulated devices: the generate program with its samples, the experience and the update
+    without the critic, the reward model and the reference."""
+    config = load_config(
+        ["steps=[ppo]", f"output_dir={tmp_path}", *GRPO, "ppo.prompts_per_iteration=8", "ppo.ppo_epochs=1"],
+        check_data_files=False,
+    )
+    devices = jax.devices()[:2]
+    plans = plan_for_devices(config, devices)
+    assert [line.role for line in plans[0].lines] == ["actor", "actor EMA", "generation copy"]
+    rows = list(dry_run_rows(config, plans, devices))
+    assert [phase for _, phase, _, _ in rows] == ["generate", "experience", "update"]
+    assert all(xla > 0 and planned > 0 for _, _, xla, planned in rows)
 
 
 def test_dpo_is_planned_with_its_frozen_reference():

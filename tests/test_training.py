@@ -16,12 +16,14 @@ from jaxrlhf.models.outputs import next_token_logprobs
 from jaxrlhf.parallel import TRAINING_RULES, batch_sharding, make_mesh
 from jaxrlhf.steps.losses import language_model_loss
 from jaxrlhf.train_state import (
+    accumulate_gradients,
     init_train_state,
     learning_rate_schedule,
     make_optimizer,
     make_train_step,
     shardings_of,
     split_for_training,
+    split_microbatches,
 )
 
 OPTIMIZER = types.SimpleNamespace(
@@ -74,17 +76,31 @@ def test_next_token_logprobs_against_a_loop():
             assert abs(out[b, t] - expected) < 1e-5
 
 
-def test_gradient_accumulation_equals_one_batch(model_dir):
-    # equal-size microbatches of equal token counts would be needed for exact equality of a
-    # token mean; here each microbatch mean is averaged, so compare against that definition
-    _, whole = run_steps(load_pretrained(model_dir), 1, steps=1)
+@pytest.mark.parametrize("num_microbatches", [2, 4])
+def test_gradient_accumulation_equals_one_batch(model_dir, num_microbatches):
+    """Rows of unequal lengths (12 .. 3 tokens): the microbatches hold different token counts, yet
+    the loss, the gradients and the updated weights equal one batch's within float32 rounding."""
+    graphdef, params, frozen = split_for_training(load_pretrained(model_dir), 0)
     batch = make_batch()
+    one = accumulate_gradients(language_model_loss, graphdef, params, frozen, batch, 1)
+    split = accumulate_gradients(language_model_loss, graphdef, params, frozen, batch, num_microbatches)
+    np.testing.assert_allclose(float(split[0]), float(one[0]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(split[1]), jax.tree.leaves(one[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+    assert float(split[2]["tokens"]) == float(one[2]["tokens"]) == float(batch["loss_mask"][:, 1:].sum())
+    # the per-microbatch mean (each microbatch's token mean, averaged) is a different number here
     model = load_pretrained(model_dir)
-    halves = [jax.tree.map(lambda x, i=i: x[i * 4 : (i + 1) * 4], batch) for i in range(2)]
-    mean_of_halves = np.mean([float(language_model_loss(model, h)[0]) for h in halves])
-    _, accumulated = run_steps(load_pretrained(model_dir), 2, steps=1)
-    assert abs(accumulated[0] - mean_of_halves) < 1e-5
-    assert abs(whole[0] - float(language_model_loss(model, batch)[0])) < 1e-5
+    parts = split_microbatches(batch, num_microbatches)
+    per_microbatch = np.mean(
+        [
+            float(language_model_loss(model, jax.tree.map(lambda x, i=i: x[i], parts))[0])
+            for i in range(num_microbatches)
+        ]
+    )
+    assert abs(per_microbatch - float(one[0])) > 1e-3
+    _, whole = run_steps(load_pretrained(model_dir), 1, steps=2)
+    _, accumulated = run_steps(load_pretrained(model_dir), num_microbatches, steps=2)
+    np.testing.assert_allclose(accumulated, whole, rtol=1e-5)
 
 
 def test_loss_falls_and_fsdp_matches_one_device(model_dir):

@@ -125,7 +125,35 @@ class GenerationConfig:
 
 @dataclass
 class PPOConfig:
-    """Step 3: PPO of the actor (from SFT) against the reward model, with a critic (from RM)."""
+    """Step 3: the actor (from SFT) trained against the reward (model and/or functions) by PPO with a
+    critic (from RM), or by a critic-free algorithm over n samples per prompt (`algorithm`)."""
+
+    # ppo: clipped PPO with a critic and GAE (InstructGPT, DeepSpeed-Chat); grpo: group-normalised
+    # advantages, KL as a loss term; rloo: leave-one-out baseline; reinforce_pp: REINFORCE++
+    # (jaxrlhf/rl/algorithms.py). The critic-free ones load, train and export no critic.
+    algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = "ppo"
+    samples_per_prompt: int = 1  # n answers per prompt (each its own key stream; the prompt prefilled once)
+    # What scores an answer: "model" (the reward model) and/or Python functions "module.path:function"
+    # (jaxrlhf/rl/rewards.py), summed with `reward_weights` (empty: every weight 1).
+    reward: list[str] = field(default_factory=lambda: ["model"])
+    reward_weights: list[float] = field(default_factory=list)
+    scale_rewards: Literal["group", "batch", "none"] = (
+        "group"  # grpo: divide by the group's std, the batch's, or not (Dr. GRPO)
+    )
+    # How the token losses become one number: over all tokens (DAPO), per answer then over answers
+    # (GRPO), or over rows x max_answer_seq_len (Dr. GRPO). PPO's is token_mean.
+    loss_aggregation: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
+    cliprange_high: float | None = None  # upper ratio clip (DAPO's clip-higher, e.g. 0.28); None = cliprange
+    kl_loss_estimator: Literal["k1", "k2", "k3"] = "k3"  # the KL loss term's estimator (grpo)
+    group_baseline: bool = False  # reinforce_pp: subtract each prompt's mean score first (n > 1)
+    drop_uniform_groups: bool = False  # DAPO dynamic sampling: groups whose n rewards are all equal train nothing
+    overlong_buffer: int = 0  # DAPO soft overlong penalty: the last this-many answer tokens before the limit
+    overlong_penalty: float = 1.0  # ... cost up to this much, growing linearly, at the limit
+    # Rollout correction for the generation copy (bf16) vs the training forward: truncated importance
+    # sampling min(ratio, cap) per token, or masking tokens whose ratio leaves [1/cap, cap].
+    rollout_correction: Literal["none", "tis", "mask"] = "none"
+    rollout_correction_cap: float = 2.0
+    eval_every: int = 0  # evaluate on the held-out prompts every k iterations (ppo/eval_curve.jsonl); 0 = ends only
 
     # Model paths "" mean this run's outputs: the actor (and the frozen reference) start from SFT,
     # the critic from RM; the frozen reward model, "" = the critic's starting checkpoint (as in
@@ -202,14 +230,53 @@ class PPOConfig:
             f"must be > 1 or null, got {self.dual_clip}",
         )
         require(0 <= self.ema_decay < 1, f"{key}.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        rows = self.prompts_per_iteration * self.samples_per_prompt
         require(
-            self.prompts_per_iteration % self.num_minibatches == 0,
+            rows % self.num_minibatches == 0,
             f"{key}.num_minibatches",
-            f"{self.num_minibatches} does not divide prompts_per_iteration={self.prompts_per_iteration}",
+            f"{self.num_minibatches} does not divide the {rows} answers of an iteration "
+            f"(prompts_per_iteration x samples_per_prompt)",
         )
+        self.validate_algorithm(key)
         require(
             self.short_answer == "penalize" or self.max_answer_seq_len >= 2,
             f"{key}.max_answer_seq_len",
             f"is {self.max_answer_seq_len}, but answers of one token or less are dropped (short_answer=drop): "
             "every answer would be dropped",
         )
+
+    def validate_algorithm(self, key: str) -> None:
+        """The critic-free algorithms' settings: enough samples per prompt, a reward, sane ranges."""
+        from jaxrlhf.rl.algorithms import ALGORITHMS
+        from jaxrlhf.rl.rewards import RewardMix
+
+        algorithm = ALGORITHMS[self.algorithm]
+        at_least(self, key, 1, "samples_per_prompt")
+        at_least(self, key, 0, "overlong_buffer", "eval_every")
+        require(
+            self.samples_per_prompt >= algorithm.min_samples_per_prompt,
+            f"{key}.samples_per_prompt",
+            f"{self.algorithm} compares the answers to one prompt: needs at least "
+            f"{algorithm.min_samples_per_prompt}, got {self.samples_per_prompt}",
+        )
+        require(
+            not (self.group_baseline or self.drop_uniform_groups) or self.samples_per_prompt >= 2,
+            f"{key}.samples_per_prompt",
+            "group_baseline and drop_uniform_groups need groups: at least 2 samples per prompt",
+        )
+        require(
+            self.overlong_buffer < self.max_answer_seq_len,
+            f"{key}.overlong_buffer",
+            f"must be below max_answer_seq_len={self.max_answer_seq_len}, got {self.overlong_buffer}",
+        )
+        require(
+            self.cliprange_high is None or self.cliprange_high > 0,
+            f"{key}.cliprange_high",
+            f"must be > 0 or null, got {self.cliprange_high}",
+        )
+        require(
+            self.rollout_correction_cap >= 1,
+            f"{key}.rollout_correction_cap",
+            f"must be >= 1, got {self.rollout_correction_cap}",
+        )
+        RewardMix.from_config(self.reward, self.reward_weights, f"{key}.reward")  # imports each function

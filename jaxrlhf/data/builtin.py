@@ -20,6 +20,8 @@ the category, and closes politely:
 
 Items are the lower-case category words; everything else except the greeting and the
 closing is a stray word. The gold reward is for evaluation only: no training step calls it.
+`format_reward` is the task's public rule reward, a visible slice of it (greeting + closing)
+that step 3 may use as a reward function beside the reward model.
 
 The data comes from a sloppy writer: every response has, independently, a chance of each
 defect (wrong count, an item from another category, a repeat, no or a rude closing, no or a
@@ -121,14 +123,30 @@ def format_prompt(question: str) -> str:
 
 def gold_reward(prompt: str, response: str) -> float:
     """The task's true reward of `response` to a built-in `prompt` (see the module docstring)."""
-    request = _REQUEST_PATTERN.search(prompt)
-    if request is None:
-        raise ValueError(f"not a built-in task prompt (no '<count> <category>'): {prompt!r}")
-    asked = COUNT_WORDS[request.group(1)]
-    category = request.group(2)
+    return sum(_gold_parts(prompt, response).values())  # in the table's order, as the parts were always added
+
+
+def format_reward(prompts: list[str], answers: list[str], **fields) -> list[float]:
+    """The task's public rule reward: the greeting and closing parts of the gold reward.
+
+    A reward function (see jaxrlhf.rl.rewards) that checks only what the text shows plainly:
+    +0.5 for greeting the user by the prompt's name, -0.5 for another name, and +1 / -1 for a
+    polite / rude closing. The count, category, repeat and length parts stay hidden: the full
+    gold reward is for evaluation only and never feeds training.
+    """
+    if len(prompts) != len(answers):
+        raise ValueError(f"format_reward: {len(prompts)} prompts but {len(answers)} answers")
+    scores = []
+    for prompt, answer in zip(prompts, answers):
+        greeting, closing, _ = _greeting_and_closing(prompt, answer)
+        scores.append(greeting + closing)
+    return scores
+
+
+def _greeting_and_closing(prompt: str, response: str) -> tuple[float, float, str]:
+    """(greeting part, closing part, the text between them) of `response` to `prompt`."""
     name_given = _NAME_PATTERN.search(prompt)
     user_name = name_given.group(1) if name_given else None
-
     text = response.strip()
     greeting = 0.0
     greeted = _GREETING_PATTERN.match(text)
@@ -142,14 +160,27 @@ def gold_reward(prompt: str, response: str) -> float:
             closing = score
             text = text[: -len(ending)]
             break
+    return greeting, closing, text
 
+
+def _gold_parts(prompt: str, response: str) -> dict[str, float]:
+    """The six parts of the gold reward, by the names of the module docstring's table."""
+    request = _REQUEST_PATTERN.search(prompt)
+    if request is None:
+        raise ValueError(f"not a built-in task prompt (no '<count> <category>'): {prompt!r}")
+    asked = COUNT_WORDS[request.group(1)]
+    category = request.group(2)
+    greeting, closing, text = _greeting_and_closing(prompt, response)
     words = re.findall(r"[A-Za-z]+", text)
     items = [word for word in words if word in ITEM_CATEGORY]
-    stray_words = len(words) - len(items)
-    count = max(0.0, 1.0 - 0.5 * abs(len(items) - asked))
-    on_category = sum(ITEM_CATEGORY[item] == category for item in items) / max(len(items), 1)
-    distinct = len(set(items)) / max(len(items), 1)
-    return count + on_category + distinct + closing + greeting - 0.5 * stray_words
+    return {
+        "count": max(0.0, 1.0 - 0.5 * abs(len(items) - asked)),
+        "category": sum(ITEM_CATEGORY[item] == category for item in items) / max(len(items), 1),
+        "distinct": len(set(items)) / max(len(items), 1),
+        "closing": closing,
+        "greeting": greeting,
+        "length": -0.5 * (len(words) - len(items)),
+    }
 
 
 def _choice(rng: np.random.Generator, options):

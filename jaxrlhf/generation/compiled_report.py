@@ -70,14 +70,7 @@ def generation_report(
     generate = generate_from_state.lower(graphdef, state, ids, ids, key, settings).compile()
     max_len = prompt_len + new_tokens
 
-    def prefill_only(state, ids, mask):
-        model = nnx.merge(graphdef, state)
-        hidden, cache = prefill(
-            model, ids, mask, positions_from_mask(mask), KVCache.zeros(model.config, batch, max_len)
-        )
-        return model.logits(hidden[:, -1:]), cache
-
-    prefill_memory = jax.jit(prefill_only).lower(state, ids, ids).compile().memory_analysis()
+    prefill_memory = compile_prefill(graphdef, state, batch, prompt_len, max_len).memory_analysis()
     step = compile_decode_step(graphdef, state, batch, prompt_len, new_tokens, settings)
     cost = step.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -96,6 +89,66 @@ def generation_report(
         step_bytes_accessed=None if bytes_accessed is None or jax.default_backend() == "cpu" else bytes_accessed,
         step_ideal_bytes=weight_bytes + slot_bytes * (filled + 1),
         decode_loop_big_buffers=decode_loop_big_buffers(generate.as_text(), layer_cache_elements),
+    )
+
+
+def compile_prefill(graphdef, state, batch: int, prompt_len: int, max_len: int):
+    """The prefill alone (cache of `max_len` slots, last-position logits) as its own jitted program."""
+
+    def prefill_only(state, ids, mask):
+        model = nnx.merge(graphdef, state)
+        cache = KVCache.zeros(model.config, batch, max_len)
+        hidden, cache = prefill(model, ids, mask, positions_from_mask(mask), cache)
+        return model.logits(hidden[:, -1:]), cache
+
+    ids = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
+    return jax.jit(prefill_only).lower(state, ids, ids).compile()
+
+
+def compiled_flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+
+@dataclasses.dataclass
+class SamplesPerPromptFlops:
+    """XLA's FLOP counts for n samples of each of `batch` prompts."""
+
+    with_n: float  # generate(batch prompts, samples_per_prompt=n): one prefill per prompt
+    repeated: float  # generate(the prompts repeated n times, samples_per_prompt=1)
+    prefill: float  # one prefill of the batch prompts alone
+
+    def summary(self, n: int) -> str:
+        saved = self.repeated - self.with_n
+        return (
+            f"{n} samples per prompt: generate {self.with_n:.4g} FLOPs vs {self.repeated:.4g} with repeated prompts, "
+            f"{saved:.4g} saved = {saved / self.prefill:.2f} prefills of the prompts (ideal {n - 1})"
+        )
+
+
+def samples_per_prompt_flops(
+    config: DecoderConfig,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    n: int,
+    settings: SamplingSettings | None = None,
+) -> SamplesPerPromptFlops:
+    """Compiles generate with n samples per prompt, with n-times repeated prompts, and the prefill alone."""
+    graphdef, state = abstract_generation_model(config)
+    settings = settings or SamplingSettings(eos_id=0, pad_id=0, max_new_tokens=new_tokens, temperature=1.0)
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+
+    def generate_flops(rows: int, samples: int) -> float:
+        ids = jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32)
+        return compiled_flops(
+            generate_from_state.lower(graphdef, state, ids, ids, key, settings, None, samples).compile()
+        )
+
+    return SamplesPerPromptFlops(
+        with_n=generate_flops(batch, n),
+        repeated=generate_flops(batch * n, 1),
+        prefill=compiled_flops(compile_prefill(graphdef, state, batch, prompt_len, prompt_len + new_tokens)),
     )
 
 

@@ -5,7 +5,8 @@ step is a single static-shape computation. The model must be in the generation l
 (`to_generation_layout`: one module per block, compute-dtype weights); the KV cache
 (`kv_cache.KVCache`, one buffer pair per layer) is allocated once per call inside the jitted
 function and updated in place by the loop, which stops as soon as every row has emitted EOS or
-`max_new_tokens` is reached.
+`max_new_tokens` is reached. For n samples per prompt (GRPO-style groups) the prompts are
+prefilled once and their cache repeated into n rows each before the loop.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from jaxrlhf.generation.kernels.flash_decoding import KERNEL_BLOCK_KV
 from jaxrlhf.generation.kv_cache import KVCache, decode_forward, prefill
 from jaxrlhf.generation.sampling import sample_tokens, suppress_eos
 from jaxrlhf.models.decoder import positions_from_mask
+from jaxrlhf.parallel.rules import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,26 +116,43 @@ def decode_step(
     )
 
 
-def generate(model, prompt_ids, prompt_mask, key, settings: SamplingSettings, cache_sharding=None) -> Generation:
-    """Samples up to `settings.max_new_tokens` tokens after each left-padded prompt row.
+def _repeat_rows(x, n: int):
+    """Each row of x [rows, ...] n times, prompt-major, still sharded by rows over the data axes."""
+    return constrain(jnp.repeat(x, n, axis=0), ("batch",) + (None,) * (x.ndim - 1))
+
+
+def generate(
+    model, prompt_ids, prompt_mask, key, settings: SamplingSettings, cache_sharding=None, samples_per_prompt: int = 1
+) -> Generation:
+    """Samples up to `settings.max_new_tokens` tokens after each left-padded prompt row, n times.
 
     model: a CausalLM in the generation layout (call inside jit); prompt_ids, prompt_mask:
-    [batch, prompt]. Each row draws from its own key stream, so a row's sample does not depend on
-    its batch mates. `cache_sharding` places the KV cache buffers (under tensor parallelism).
+    [prompts, prompt]. With n = `samples_per_prompt`, each prompt is prefilled once and its KV
+    cache and last logits are repeated into n rows; every output has prompts * n rows,
+    prompt-major (row p*n + j is sample j of prompt p). Each row draws from its own key stream
+    (split by output row), so the result equals generating from the prompts repeated n times with
+    n = 1, and a row's sample does not depend on its batch mates. `cache_sharding` places the KV
+    cache buffers (under tensor parallelism).
     """
-    batch, prompt_len = prompt_ids.shape
+    n = samples_per_prompt
+    prompts, prompt_len = prompt_ids.shape
+    batch = prompts * n  # rows decoded
     new = settings.max_new_tokens
     prompt_mask = prompt_mask.astype(jnp.int32)
-    prompt_lengths = prompt_mask.sum(-1)  # [batch]
-    row_keys = jax.random.split(key, batch)
+    prompt_lengths = prompt_mask.sum(-1)  # [prompts]
+    row_keys = jax.random.split(key, batch)  # one key stream per output row
 
     config = model.config
     cache_len = prompt_len + new
     if choose_implementation(settings.attention, config.compute_dtype, config.head_dim) == "pallas":
         cache_len = -(-cache_len // KERNEL_BLOCK_KV) * KERNEL_BLOCK_KV  # whole kernel blocks
-    cache = KVCache.zeros(config, batch, cache_len, cache_sharding)
+    cache = KVCache.zeros(config, prompts, cache_len, cache_sharding)
     hidden, cache = prefill(model, prompt_ids, prompt_mask, positions_from_mask(prompt_mask), cache)
-    logits = model.logits(hidden[:, -1:])[:, 0]  # [batch, vocab]
+    logits = model.logits(hidden[:, -1:])[:, 0]  # [prompts, vocab]
+    if n > 1:  # the prefill ran once per prompt; its n samples share its cache from here on
+        per_row = (prompt_ids, prompt_mask, prompt_lengths, logits)
+        prompt_ids, prompt_mask, prompt_lengths, logits = (_repeat_rows(x, n) for x in per_row)
+        cache = cache.repeat_rows(n, cache_sharding)  # [batch, kv_heads, cache_len, head_dim] per layer
     first, first_logprob, done = _pick(logits, row_keys, 0, jnp.zeros((batch,), bool), settings)
     state = DecodeState(
         step=jnp.int32(1),
@@ -156,7 +175,7 @@ def generate(model, prompt_ids, prompt_mask, key, settings: SamplingSettings, ca
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "settings", "cache_sharding"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "settings", "cache_sharding", "samples_per_prompt"))
 def generate_from_state(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -165,6 +184,8 @@ def generate_from_state(
     key,
     settings: SamplingSettings,
     cache_sharding=None,
+    samples_per_prompt: int = 1,
 ) -> Generation:
     """`generate` as one jitted pure function of the model's split state (in the generation layout)."""
-    return generate(nnx.merge(graphdef, state), prompt_ids, prompt_mask, key, settings, cache_sharding)
+    model = nnx.merge(graphdef, state)
+    return generate(model, prompt_ids, prompt_mask, key, settings, cache_sharding, samples_per_prompt)

@@ -73,19 +73,29 @@ class HybridEngine:
         """The actor's weights in the generation layout and shardings (a new copy)."""
         return self._to_generation(states)
 
-    def generate_with(self, state: nnx.State, prompt_ids, prompt_mask, key) -> Generation:
-        """Generates from a generation-layout state (e.g. one kept across calls by a chat session)."""
+    def generate_with(self, state: nnx.State, prompt_ids, prompt_mask, key, samples_per_prompt: int = 1) -> Generation:
+        """Generates from a generation-layout state (e.g. one kept across calls by a chat session);
+        `samples_per_prompt` n gives prompts * n rows, prompt-major, each prompt prefilled once."""
         rows = batch_sharding(self.mesh, 2, self.rules)
         prompt_ids, prompt_mask = jax.device_put((prompt_ids, prompt_mask), rows)
         with activation_sharding(self.mesh, self.rules):
             return generate_from_state(
-                self.graphdef, state, prompt_ids, prompt_mask, key, self.settings, self.cache_sharding
+                self.graphdef,
+                state,
+                prompt_ids,
+                prompt_mask,
+                key,
+                self.settings,
+                self.cache_sharding,
+                samples_per_prompt=samples_per_prompt,
             )
 
-    def generate(self, states: tuple, prompt_ids, prompt_mask, key) -> tuple[Generation, GenerationTimings]:
+    def generate(
+        self, states: tuple, prompt_ids, prompt_mask, key, samples_per_prompt: int = 1
+    ) -> tuple[Generation, GenerationTimings]:
         start = time.perf_counter()
         state = jax.block_until_ready(self.generation_state(states))
         resharded = time.perf_counter()
-        out = jax.block_until_ready(self.generate_with(state, prompt_ids, prompt_mask, key))
+        out = jax.block_until_ready(self.generate_with(state, prompt_ids, prompt_mask, key, samples_per_prompt))
         del state  # the generation copy is freed here
         return out, GenerationTimings(resharded - start, time.perf_counter() - resharded)

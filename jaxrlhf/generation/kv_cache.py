@@ -55,6 +55,16 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(x.size * x.dtype.itemsize for x in (*self.keys, *self.values))
 
+    def repeat_rows(self, n: int, sharding=None) -> KVCache:
+        """Every row repeated n times, prompt-major (row b becomes rows b*n .. b*n + n - 1): one
+        prefilled prompt's cache shared by its n samples. `sharding` as in `zeros`."""
+
+        def repeat(x):
+            x = jnp.repeat(x, n, axis=0)  # [batch * n, kv_heads, max_len, head_dim]
+            return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+        return KVCache(tuple(map(repeat, self.keys)), tuple(map(repeat, self.values)))
+
 
 def _head_major(x):
     """[batch, seq, kv_heads, dim] -> [batch, kv_heads, seq, dim]."""

@@ -23,9 +23,10 @@ from jaxrlhf.generation.hybrid_engine import HybridEngine
 from jaxrlhf.models.config import DecoderConfig
 from jaxrlhf.parallel.rules import Rules, activation_sharding, batch_sharding, state_shardings
 from jaxrlhf.plan.estimate import Job, abstract_model
+from jaxrlhf.rl.evaluation import sampling_settings
 from jaxrlhf.rl.experience import RewardSettings, make_experience_fn
-from jaxrlhf.rl.ppo import sampling_settings
-from jaxrlhf.rl.roles import ModelStates, RoleGraphs, RoleStates
+from jaxrlhf.rl.rewards import RewardMix
+from jaxrlhf.rl.roles import ModelStates, RoleGraphs, RoleStates, uses_reference
 from jaxrlhf.rl.update import PPOState, UpdateSettings, make_ppo_update
 from jaxrlhf.steps.dpo import make_dpo_loss
 from jaxrlhf.steps.losses import language_model_loss
@@ -120,59 +121,82 @@ def abstract_train_state(optimizer, params, frozen) -> TrainState:
     return placed(jax.eval_shape(init, params, frozen), init.lower(params, frozen).compile().output_shardings)
 
 
+@dataclasses.dataclass
+class Step3Shapes:
+    """Step 3's states as sharded shapes: the training state, the roles the experience pass reads
+    (only those the run holds), their graphs, the optimizers, and the frozen models that are not
+    part of the training state (the reward model, a reference of its own)."""
+
+    state: PPOState
+    roles: RoleStates
+    graphs: RoleGraphs
+    optimizers: tuple  # (actor's, critic's or None)
+    frozen: tuple
+
+
+def step3_shapes(ppo, configs: dict[str, DecoderConfig], rules: Rules, mesh: Mesh) -> Step3Shapes:
+    """The models of `configs` (the actor; the critic and the reward model where the run has them)
+    and the reference where `uses_reference`, as the run builds them (`rl.ppo.prepare_run`)."""
+    role = lambda name, value_head, lora: abstract_role(configs[name], value_head, lora, rules, mesh)
+    actor_graph, actor_params, actor_frozen = role("actor", False, ppo.actor_lora.rank)
+    critic = role("critic", True, ppo.critic_lora.rank) if "critic" in configs else None
+    reward_graph, reward = None, None
+    if "reward model" in configs:
+        reward_graph, params, frozen = role("reward model", True, 0)
+        reward = ModelStates(params, frozen)
+    updates = max(ppo.num_iterations * ppo.ppo_epochs * ppo.num_minibatches, 1)
+    optimizers = (make_optimizer(ADAMW, updates), make_optimizer(ADAMW, updates) if critic else None)
+    state = PPOState(
+        abstract_train_state(optimizers[0], actor_params, actor_frozen),
+        abstract_train_state(optimizers[1], *critic[1:]) if critic else None,
+        actor_params if ppo.ema_decay > 0 else None,
+    )
+    actor = ModelStates(state.actor.params, state.actor.frozen)
+    reference, reference_graph, own_reference = None, None, None
+    if uses_reference(ppo) and ppo.actor_lora.rank:  # the actor's base with adapters off: the same shapes
+        reference, reference_graph = actor, actor_graph
+    elif uses_reference(ppo):
+        reference_graph, params, frozen = role("actor", False, 0)
+        reference = own_reference = ModelStates(params, frozen)
+    roles = RoleStates(
+        actor, reference, ModelStates(state.critic.params, state.critic.frozen) if critic else None, reward
+    )
+    graphs = RoleGraphs(actor_graph, reference_graph, critic[0] if critic else None, reward_graph)
+    return Step3Shapes(state, roles, graphs, optimizers, (reward, own_reference))
+
+
 def ppo_phase_bytes(
     ppo, generation, configs: dict[str, DecoderConfig], rules: Rules, generation_rules: Rules, mesh: Mesh
 ) -> dict[str, int]:
     """Per-device peak of each phase of step 3 from XLA: the compiled program (generate,
     experience, update) plus the states that stay resident while it runs without being its
-    arguments. `configs` carry each role's remat."""
-    graph = {}
-    graph["actor"], actor_params, actor_frozen = abstract_role(
-        configs["actor"], False, ppo.actor_lora.rank, rules, mesh
-    )
-    graph["critic"], critic_params, critic_frozen = abstract_role(
-        configs["critic"], True, ppo.critic_lora.rank, rules, mesh
-    )
-    graph["reward"], reward_params, reward_frozen = abstract_role(configs["reward model"], True, 0, rules, mesh)
-    reference = ModelStates(actor_params, actor_frozen)  # the same shapes (or, under LoRA, the actor's own)
-    if not ppo.actor_lora.rank:
-        graph["reference"], params, frozen = abstract_role(configs["actor"], False, 0, rules, mesh)
-        reference = ModelStates(params, frozen)
-    updates = ppo.num_iterations * ppo.ppo_epochs * ppo.num_minibatches
-    optimizers = [make_optimizer(ADAMW, max(updates, 1)) for _ in range(2)]
-    state = PPOState(
-        abstract_train_state(optimizers[0], actor_params, actor_frozen),
-        abstract_train_state(optimizers[1], critic_params, critic_frozen),
-        actor_params if ppo.ema_decay > 0 else None,
-    )
-    graphs = RoleGraphs(graph["actor"], graph.get("reference", graph["actor"]), graph["critic"], graph["reward"])
-    frozen_roles = ModelStates(reward_params, reward_frozen), (reference if not ppo.actor_lora.rank else None)
-    rows = batch_sharding(mesh, 2, rules)
-    seq = ppo.max_prompt_seq_len + ppo.max_answer_seq_len
-    tokens = jax.ShapeDtypeStruct((ppo.prompts_per_iteration, seq), jnp.int32, sharding=rows)
-    roles = RoleStates(
-        ModelStates(state.actor.params, state.actor.frozen),
-        reference,
-        ModelStates(state.critic.params, state.critic.frozen),
-        frozen_roles[0],
-    )
-    experience_fn = make_experience_fn(graphs, RewardSettings.from_config(ppo), ppo.max_prompt_seq_len)
+    arguments. `configs` carry each role's remat and name the models the run holds (`ppo_models`)."""
+    shapes = step3_shapes(ppo, configs, rules, mesh)
+    state, graphs = shapes.state, shapes.graphs
+    rows, seq = ppo.prompts_per_iteration * ppo.samples_per_prompt, ppo.max_prompt_seq_len + ppo.max_answer_seq_len
+    batch = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape), rules))
+    tokens = batch((rows, seq), jnp.int32)
+    scores, rollout_logprobs = batch((rows,), jnp.float32), batch((rows, ppo.max_answer_seq_len), jnp.float32)
+    model_weight = RewardMix.from_config(ppo.reward, ppo.reward_weights, "ppo.reward").model_weight
+    experience_fn = make_experience_fn(graphs, RewardSettings.from_config(ppo, model_weight), ppo.max_prompt_seq_len)
     kl_coef = jax.ShapeDtypeStruct((), jnp.float32)
     update = make_ppo_update(
-        graph["actor"], graph["critic"], *optimizers, UpdateSettings.from_config(ppo), shardings_of(state)
+        graphs.actor, graphs.critic, *shapes.optimizers, UpdateSettings.from_config(ppo), shardings_of(state)
     )
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    inputs = (shapes.roles, tokens, tokens, kl_coef, scores, rollout_logprobs)
     with activation_sharding(mesh, rules):
-        experience_program = experience_fn.lower(roles, tokens, tokens, kl_coef).compile()
-        experience, _ = jax.eval_shape(experience_fn, roles, tokens, tokens, kl_coef)
+        experience_program = experience_fn.lower(*inputs).compile()
+        experience, _ = jax.eval_shape(experience_fn, *inputs)
         experience = placed(experience, jax.tree.map(lambda x: batch_sharding(mesh, x.ndim, rules), experience))
-        update_program = update.lower(state, experience, ptx_shapes(ppo, mesh, rules), key).compile()
-    generate_bytes = generation_phase_bytes(graph["actor"], state, ppo, generation, generation_rules, mesh)
-    frozen = local_bytes(frozen_roles)
-    optimizer_and_ema = local_bytes((state.actor.opt_state, state.critic.opt_state, state.ema))
+        update_program = update.lower(state, experience, ptx_shapes(ppo, mesh, rules), key, kl_coef).compile()
+    generate_bytes = generation_phase_bytes(graphs.actor, state, ppo, generation, generation_rules, mesh)
+    frozen = local_bytes(shapes.frozen)
+    critic_optimizer = None if state.critic is None else state.critic.opt_state
+    optimizers_and_ema = local_bytes((state.actor.opt_state, critic_optimizer, state.ema))
     return {
         "generate": generate_bytes + local_bytes(state) + frozen,
-        "experience": compiled_bytes(experience_program) + optimizer_and_ema,
+        "experience": compiled_bytes(experience_program) + optimizers_and_ema,
         "update": compiled_bytes(update_program) + frozen,
     }
 
@@ -194,7 +218,8 @@ def ptx_shapes(ppo, mesh: Mesh, rules: Rules) -> dict | None:
 
 def generation_phase_bytes(actor_graphdef, state: PPOState, ppo, generation, rules: Rules, mesh: Mesh) -> int:
     """The hybrid engine's generate program for one rollout batch: the generation copy (its
-    argument), the KV cache and the decode loop, per device."""
+    argument), the prefill of the prompts, the KV cache of their samples and the decode loop, per
+    device."""
     # the run's sampling settings; the ids do not change the program's shapes
     tokens = types.SimpleNamespace(eos_token_id=0, pad_token_id=1)
     settings = sampling_settings(types.SimpleNamespace(generation=generation, ppo=ppo), tokens)
@@ -208,6 +233,13 @@ def generation_phase_bytes(actor_graphdef, state: PPOState, ppo, generation, rul
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
     with activation_sharding(engine.mesh, rules):
         program = generate_from_state.lower(
-            engine.graphdef, generation_state, prompts, prompts, key, settings, engine.cache_sharding
+            engine.graphdef,
+            generation_state,
+            prompts,
+            prompts,
+            key,
+            settings,
+            engine.cache_sharding,
+            samples_per_prompt=ppo.samples_per_prompt,
         ).compile()
     return compiled_bytes(program)

@@ -4,49 +4,32 @@ policy and gradient accumulation that fit the device, or a refusal before any wo
 Each step is priced phase by phase, because the roles of step 3 do not all peak together:
 generation holds the training states plus the actor's generation copy and the KV cache;
 experience holds them plus one forward pass of the largest model; the update holds them plus
-both trained roles' gradients and the larger of their backward passes. `remat: auto` takes the
-first policy of none -> dots -> block that fits, then raises gradient accumulation.
+the trained roles' gradients and their backward passes (`plan.step3`: only the roles the
+algorithm and the reward use). `remat: auto` takes the first policy of none -> dots -> block
+that fits, then raises gradient accumulation.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import os
-import types
-
-import jax.numpy as jnp
-from flax import nnx
 
 from jaxrlhf.config import PREVIOUS_STAGE
 from jaxrlhf.data.builtin import BUILTIN
-from jaxrlhf.generation.layout import generation_config
 from jaxrlhf.models.config import DecoderConfig
-from jaxrlhf.models.decoder import CausalLM
 from jaxrlhf.models.hf_io import read_hf_config
-from jaxrlhf.models.outputs import LOGITS_CHUNK_ELEMENTS
 from jaxrlhf.parallel.mesh import MESH_AXES
-from jaxrlhf.parallel.rules import GENERATION_RULES, TRAINING_RULES, Rules, with_overrides
-from jaxrlhf.plan.estimate import (
-    POLICIES,
-    Estimate,
-    Job,
-    abstract_model,
-    block_residual_bytes,
-    device_bytes,
-    layer_weight_elements,
-    tensor_local,
-)
+from jaxrlhf.parallel.rules import GENERATION_RULES, TRAINING_RULES, with_overrides
+from jaxrlhf.plan.estimate import POLICIES, Job
 from jaxrlhf.plan.estimate import estimate as estimate_job
+from jaxrlhf.plan.plans import GIB, Line, StepPlan, Target, trained_line
+from jaxrlhf.plan.step3 import TRAINED, plan_ppo, ppo_models, rollout_rows
 
-GIB = 2**30
-STEP_MODELS = {
-    "sft": ("sft",),
-    "rm": ("rm",),
-    "dpo": ("dpo",),
-    "ppo": ("actor", "critic", "reward model"),
-}  # whose config.json
+
+def step_models(config, step: str) -> tuple[str, ...]:
+    """The models whose config.json a step reads: step 3's are those its algorithm and reward use."""
+    return ppo_models(config.ppo) if step == "ppo" else (step,)
 
 
 class PlanError(ValueError):
@@ -55,94 +38,6 @@ class PlanError(ValueError):
     def __init__(self, message: str, table: str):
         super().__init__(message)
         self.table = table
-
-
-@dataclasses.dataclass
-class Line:
-    """One role's bytes per device; a trained role also has gradients, optimizer state and activations."""
-
-    role: str
-    weights: int  # trained parameters (float32 master weights, or adapters) and the frozen rest
-    grads: int = 0
-    optimizer: int = 0
-    working: int = 0  # compute-dtype copy of the weights, one block gathered whole (FSDP)
-    activations: dict[str, int] = dataclasses.field(default_factory=dict)  # per remat policy
-    logits: int = 0  # the LM head's float32 logits (one chunk) and their gradient
-    cache: int = 0  # generation: the KV cache
-
-
-@dataclasses.dataclass
-class StepPlan:
-    """One step under one choice of remat and accumulation: its roles and each phase's peak."""
-
-    step: str
-    mesh_shape: dict[str, int]
-    lines: list[Line]
-    phases: dict[str, int]  # peak bytes per device of each phase
-    remat: dict[str, str]  # trained role -> policy
-    grad_accum: int
-    budget: int | None  # usable bytes per device; None = unknown (no constraint)
-
-    @property
-    def peak(self) -> int:
-        return max(self.phases.values())
-
-    @property
-    def fits(self) -> bool:
-        return self.budget is None or self.peak <= self.budget
-
-    def choice(self) -> str:
-        policies = ", ".join(f"{role} remat={policy}" for role, policy in self.remat.items())
-        return f"{policies}, grad_accum_steps={self.grad_accum}"
-
-    def table(self) -> str:
-        gib = lambda n: f"{n / GIB:9.2f}" if n else f"{'-':>9}"
-        devices = math.prod(self.mesh_shape.values())
-        mesh = " x ".join(f"{axis}={size}" for axis, size in self.mesh_shape.items())
-        budget = f"{self.budget / GIB:.1f} GiB usable" if self.budget else "device memory unknown"
-        columns = ("weights", "grads", "optimizer", "working", *(f"act {p}" for p in POLICIES), "logits", "kv cache")
-        rows = [
-            f"[{self.step}] GiB per device on {devices} device(s) ({mesh}); {budget}",
-            f"  {'role':<16}" + "".join(f"{c:>10}" for c in columns),
-        ]
-        for line in self.lines:
-            activations = [line.activations.get(p, 0) for p in POLICIES]
-            values = (line.weights, line.grads, line.optimizer, line.working, *activations, line.logits, line.cache)
-            rows.append(f"  {line.role:<16}" + "".join(f" {gib(v)}" for v in values))
-        phases = ", ".join(f"{phase} {peak / GIB:.2f}" for phase, peak in self.phases.items())
-        verdict = "fits" if self.fits else "does NOT fit"
-        rows.append(f"  peak by phase (GiB): {phases} -> {verdict} with {self.choice()}")
-        return "\n".join(rows)
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """Where the plan runs: the mesh's axis sizes, the rules, the usable bytes per device."""
-
-    mesh_shape: dict[str, int]
-    training_rules: Rules
-    generation_rules: Rules
-    budget: int | None
-    platform: str = "gpu"  # "cpu" adds what XLA:CPU alone allocates (to compare with a CPU dry run)
-
-    @property
-    def mesh(self):  # what the estimate reads of a mesh: its shape
-        return types.SimpleNamespace(shape=self.mesh_shape)
-
-    @property
-    def devices(self) -> int:
-        return math.prod(self.mesh_shape.values())
-
-    @property
-    def replicas(self) -> int:
-        return self.mesh_shape["data"] * self.mesh_shape["fsdp"]
-
-    def generation_mesh(self, tensor_parallel: int):
-        if self.devices % tensor_parallel:
-            raise ValueError(f"generation.tensor_parallel={tensor_parallel} does not divide the {self.devices} devices")
-        return types.SimpleNamespace(
-            shape={"data": 1, "fsdp": self.devices // tensor_parallel, "tensor": tensor_parallel}
-        )
 
 
 def mesh_shape(mesh_config, devices: int) -> dict[str, int]:
@@ -191,7 +86,7 @@ def model_sources(config, builtin_dir) -> dict[str, str]:
     reward = config.ppo.reward_model.path
     sources["reward model"] = sources["critic"] if reward == PREVIOUS_STAGE else source(reward, "rm", sources["rm"])
     built_in = {}  # the built-in model is built (once) only if a role of a configured step uses it
-    used = {role for step in config.steps for role in STEP_MODELS[step]}
+    used = {role for step in config.steps for role in step_models(config, step)}
     return {
         role: (built_in.setdefault(BUILTIN, builtin_dir()) if path == BUILTIN else path)
         for role, path in sources.items()
@@ -209,18 +104,6 @@ def decoder_config(path: str, model_config) -> DecoderConfig:
     )
 
 
-def trained_line(role: str, estimate: Estimate) -> Line:
-    return Line(
-        role,
-        estimate.params + estimate.frozen,
-        estimate.grads,
-        estimate.optimizer,
-        estimate.working,
-        estimate.activations,
-        estimate.logits,
-    )
-
-
 def plan_supervised(step: str, settings, config: DecoderConfig, target: Target, remat: dict, accum: int) -> StepPlan:
     """SFT (a causal LM on `batch_size` rows), the reward model (a value model on both sides of
     `batch_size` pairs) or DPO (a causal LM on both sides, beside a frozen copy of its starting
@@ -233,85 +116,6 @@ def plan_supervised(step: str, settings, config: DecoderConfig, target: Target, 
         lines.append(Line("reference", estimate.params + estimate.frozen))
     train = estimate.total(remat[step]) + sum(line.weights for line in lines[1:])
     return StepPlan(step, target.mesh_shape, lines, {"train": train}, remat, accum, target.budget)
-
-
-def plan_ppo(ppo, generation, configs: dict[str, DecoderConfig], target: Target, remat: dict, accum: int) -> StepPlan:
-    """Step 3: four models resident, then generate / experience / update, each at its own peak."""
-    rules, mesh = target.training_rules, target.mesh
-    seq, rows = ppo.max_prompt_seq_len + ppo.max_answer_seq_len, ppo.prompts_per_iteration // ppo.num_minibatches
-    actor = estimate_job(
-        Job("actor", configs["actor"], False, ppo.actor_lora.rank, rows, accum, seq), rules, mesh, target.platform
-    )
-    critic = estimate_job(
-        Job("critic", configs["critic"], True, ppo.critic_lora.rank, rows, accum, seq), rules, mesh, target.platform
-    )
-    frozen_bytes = lambda config, value_head: device_bytes(
-        nnx.state(abstract_model(config, value_head, 0)), rules, mesh
-    )
-    lines = [trained_line("actor", actor), trained_line("critic", critic)]
-    if not ppo.actor_lora.rank:  # under LoRA the reference is the actor's base with adapters off
-        lines.append(Line("reference", frozen_bytes(configs["actor"], False)))
-    lines.append(Line("reward model", frozen_bytes(configs["reward model"], True)))
-    if ppo.ema_decay > 0:
-        lines.append(Line("actor EMA", actor.params))
-    resident = sum(line.weights + line.optimizer for line in lines)
-    generation_line = generation_copy(configs["actor"], ppo, generation.tensor_parallel, target)
-    if target.platform == "cpu":
-        generation_line.working += cpu_upcast(configs["actor"], generation_line.weights)
-    lines.append(generation_line)
-    # experience: one forward of each model over the whole rollout batch, the largest at a time
-    local_rows = max(1, ppo.prompts_per_iteration // target.replicas)
-    tensor = target.mesh_shape["tensor"]
-    forward = max(
-        block_residual_bytes(tensor_local(configs[role], tensor), local_rows, seq, "none")
-        for role in ("actor", "critic", "reward model")
-    )
-    forward += 4 * min(local_rows * seq * configs["actor"].vocab_size // tensor, LOGITS_CHUNK_ELEMENTS)
-    if target.mesh_shape["fsdp"] > 1:  # FSDP: the largest model's block gathered whole, stored dtype and cast
-        forward += max(gathered_block_bytes(configs[role], tensor) for role in ("actor", "critic", "reward model"))
-    if target.platform == "cpu":  # every model stored in bf16 is upcast whole, the actor's base twice (reference)
-        stored = [(configs["actor"], lines[0].weights)] * 2 + [(configs["critic"], lines[1].weights)]
-        stored.append((configs["reward model"], next(line.weights for line in lines if line.role == "reward model")))
-        forward += sum(
-            cpu_upcast(config, weights) for config, weights in stored if jnp.dtype(config.param_dtype).itemsize < 4
-        )
-    both = lambda field: getattr(actor, field) + getattr(critic, field)
-    # XLA overlaps the two roles' passes in the one update program: both sets of residuals live
-    # (and the actor's PTX pass on pretraining rows of the same size beside its PPO pass)
-    actor_pass = actor.activations[remat["actor"]] + actor.logits
-    backward = actor_pass * (2 if ppo.unsup_coef > 0 else 1) + critic.activations[remat["critic"]] + critic.logits
-    phases = {
-        "generate": resident + generation_line.weights + generation_line.cache + generation_line.working,
-        "experience": resident + forward,
-        "update": resident + both("grads") + both("working") + backward,
-    }
-    return StepPlan("ppo", target.mesh_shape, lines, phases, remat, accum, target.budget)
-
-
-def gathered_block_bytes(config: DecoderConfig, tensor: int) -> int:
-    itemsize = jnp.dtype(config.param_dtype).itemsize + jnp.dtype(config.compute_dtype).itemsize
-    return layer_weight_elements(config) // tensor * itemsize
-
-
-def cpu_upcast(config: DecoderConfig, weight_bytes: int) -> int:
-    """XLA:CPU has no bf16 matmul: it converts bf16 weights to a float32 copy of the whole model
-    (what a CPU dry run shows, and a GPU never allocates)."""
-    return 2 * weight_bytes if jnp.dtype(config.compute_dtype).itemsize < 4 else 0
-
-
-def generation_copy(config: DecoderConfig, ppo, tensor_parallel: int, target: Target) -> Line:
-    """The actor's generation copy (compute dtype, tensor-parallel), its KV cache, and one prefill
-    layer's working set."""
-    mesh = target.generation_mesh(tensor_parallel)
-    gen = generation_config(config)
-    state = nnx.state(nnx.eval_shape(lambda: CausalLM(gen, nnx.Rngs(0))))
-    weights = device_bytes(state, target.generation_rules, mesh)
-    rows = -(-ppo.prompts_per_iteration // mesh.shape["fsdp"])
-    kv_heads = gen.num_kv_heads // tensor_parallel if gen.num_kv_heads % tensor_parallel == 0 else gen.num_kv_heads
-    seq = ppo.max_prompt_seq_len + ppo.max_answer_seq_len
-    cache = 2 * gen.num_layers * rows * kv_heads * seq * gen.head_dim * jnp.dtype(gen.compute_dtype).itemsize
-    prefill = block_residual_bytes(tensor_local(gen, tensor_parallel), rows, ppo.max_prompt_seq_len, "none")
-    return Line("generation copy", weights, working=prefill, cache=cache)
 
 
 def choose(build, configured: dict[str, str], accum: int, rows: int, replicas: int, budget: int | None) -> StepPlan:
@@ -348,12 +152,12 @@ def plan_run(config, target: Target, builtin_dir) -> list[StepPlan]:
         else:
             ppo = config.ppo
             models = {"actor": ppo.actor_model, "critic": ppo.critic_model, "reward model": ppo.reward_model}
-            configs = {role: decoder_config(sources[role], model) for role, model in models.items()}
+            configs = {role: decoder_config(sources[role], models[role]) for role in ppo_models(ppo)}
             build = lambda remat, accum, configs=configs, ppo=ppo: plan_ppo(
                 ppo, config.generation, configs, target, remat, accum
             )
-            configured = {"actor": ppo.actor_model.remat, "critic": ppo.critic_model.remat}
-            accum, rows = ppo.grad_accum_steps, ppo.prompts_per_iteration // ppo.num_minibatches
+            configured = {role: models[role].remat for role in TRAINED if role in configs}
+            accum, rows = ppo.grad_accum_steps, rollout_rows(ppo) // ppo.num_minibatches
         plans.append(choose(build, configured, accum, rows, target.replicas, target.budget))
     return plans
 
@@ -376,7 +180,8 @@ def resolved(config, plans: list[StepPlan]):
     config = copy.deepcopy(config)
     for plan in plans:
         if plan.step == "ppo":
-            config.ppo.actor_model.remat, config.ppo.critic_model.remat = plan.remat["actor"], plan.remat["critic"]
+            for role, policy in plan.remat.items():  # the actor's, and the critic's where there is one
+                getattr(config.ppo, f"{role}_model").remat = policy
             config.ppo.grad_accum_steps = plan.grad_accum
         else:
             section = getattr(config, plan.step)

@@ -13,6 +13,7 @@ from jaxrlhf.parallel.mesh import make_mesh
 from jaxrlhf.plan.dry_run import compile_training_step, compiled_bytes, ppo_phase_bytes
 from jaxrlhf.plan.estimate import Job
 from jaxrlhf.plan.planner import StepPlan, decoder_config, model_sources, plan_run, resolved, target_for
+from jaxrlhf.plan.step3 import ppo_models
 
 
 def device_memory(devices) -> int | None:
@@ -62,9 +63,9 @@ def dry_run_rows(config, plans: list[StepPlan], devices):
         else:
             ppo = chosen.ppo
             models = {"actor": ppo.actor_model, "critic": ppo.critic_model, "reward model": ppo.reward_model}
-            configs = {
-                role: dataclasses.replace(decoder_config(sources[role], model), remat=model.remat)
-                for role, model in models.items()
+            configs = {  # the models the run holds (no critic, reward model where it has none)
+                role: dataclasses.replace(decoder_config(sources[role], models[role]), remat=models[role].remat)
+                for role in ppo_models(ppo)
             }
             phases = ppo_phase_bytes(
                 ppo, chosen.generation, configs, target.training_rules, target.generation_rules, mesh

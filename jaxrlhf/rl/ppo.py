@@ -1,18 +1,17 @@
-"""Step 3: PPO of the actor against the reward model, with a critic and a frozen reference.
+"""Step 3: the actor trained against the reward, by PPO with a critic or a critic-free algorithm.
 
-Each iteration (`rl.iteration.run_iteration`): the hybrid engine generates answers to a batch of
-prompts in the tensor-parallel layout; one jitted function scores them with the four roles in
-the training layout (experience: log-probs, values, scores, KL-penalized rewards, GAE); one
-jitted function runs the whole PPO update. Before the first and after the last iteration the
-SFT policy and the PPO policy answer the same held-out prompts with the same sampling settings
-and keys, scored by the reward model and, where the task has one, by a gold reward that
-training never sees.
+Each iteration (`rl.iteration.run_iteration`): the hybrid engine generates n answers to each of a
+batch of prompts in the tensor-parallel layout; the reward functions score them on the host; one
+jitted function scores them with the roles in the training layout and makes the advantages with
+the algorithm's estimator (`rl/algorithms.py`); one jitted function runs the whole update. Before
+the first iteration, every `eval_every` iterations and after the last, the policy answers the same
+held-out prompts with the same sampling settings and keys, scored by the training reward and,
+where the task has one, by a gold reward that training never sees (`rl/evaluation.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 
 import jax
@@ -21,17 +20,26 @@ import numpy as np
 
 from jaxrlhf.checkpoint import maybe_kill_after_checkpoint
 from jaxrlhf.data.batches import BatchIterator, BatchPosition
-from jaxrlhf.data.tokenize import pad_token_id, tokenize_pretraining, tokenize_prompts
-from jaxrlhf.generation.generate import SamplingSettings
+from jaxrlhf.data.tokenize import tokenize_pretraining, tokenize_prompts
 from jaxrlhf.generation.hybrid_engine import HybridEngine
-from jaxrlhf.generation.prompting import decode_answers
 from jaxrlhf.metrics import CompileCounter, count_params, plot_metrics, progress
 from jaxrlhf.models import export_model, load_tokenizer
-from jaxrlhf.parallel.mesh import to_host
-from jaxrlhf.rl.experience import RewardSettings, make_experience_fn
+from jaxrlhf.models.lora import adapters_off
+from jaxrlhf.rl.algorithms import ALGORITHMS
+from jaxrlhf.rl.evaluation import (
+    HeldOutPrompts,
+    append_to_curve,
+    evaluate_policy,
+    held_out_prompts,
+    plot_curve,
+    sampling_settings,
+    without_sample,
+)
+from jaxrlhf.rl.experience import RewardSettings, make_evaluation_fn, make_experience_fn
 from jaxrlhf.rl.iteration import PPOLoop, merged_models, run_iteration
 from jaxrlhf.rl.ppo_math import adaptive_kl_update
-from jaxrlhf.rl.roles import RoleGraphs, load_roles
+from jaxrlhf.rl.rewards import RewardMix
+from jaxrlhf.rl.roles import ModelStates, RoleGraphs, load_model, load_roles
 from jaxrlhf.rl.update import PPOState, UpdateSettings, make_ppo_update
 from jaxrlhf.run_context import RunContext
 from jaxrlhf.train_state import check_bad_steps, init_train_state, make_optimizer, shardings_of
@@ -46,16 +54,8 @@ class TaskHooks:
 
 
 @dataclasses.dataclass
-class HeldOutPrompts:
-    """The evaluation prompts: this process's rows of the arrays, and every prompt's text."""
-
-    arrays: dict[str, np.ndarray]
-    texts: list[str]
-
-
-@dataclasses.dataclass
 class PPORun:
-    """One PPO run, set up: the iteration loop, the models' graphs and sources, the evaluation prompts."""
+    """One step-3 run, set up: the iteration loop, the models' graphs and sources, the evaluation."""
 
     loop: PPOLoop
     graphs: RoleGraphs
@@ -63,6 +63,8 @@ class PPORun:
     sources: dict[str, str]  # where each exported role's config and tokenizer come from
     held_out: HeldOutPrompts
     hooks: TaskHooks
+    evaluation_fn: Callable  # (RoleStates, tokens, mask, function_scores) -> per-answer score, kl, length
+    eval_reference: ModelStates | None = None  # the SFT policy for evaluation, when training has no reference
 
 
 def run_ppo(ctx: RunContext, hooks: TaskHooks = TaskHooks()) -> dict[str, float]:
@@ -70,6 +72,7 @@ def run_ppo(ctx: RunContext, hooks: TaskHooks = TaskHooks()) -> dict[str, float]
     ppo = ctx.config.ppo
     run, state = prepare_run(ctx, hooks)
     checkpointer, latest = ctx.open_checkpoints("ppo")
+    curve = f"{ctx.step_dir('ppo')}/eval_curve.jsonl"
     kl_coef, start = ppo.kl_coef, 0
     if latest is not None:
         _, restored, metadata = checkpointer.restore_latest(state.checkpoint_tree())
@@ -80,10 +83,11 @@ def run_ppo(ctx: RunContext, hooks: TaskHooks = TaskHooks()) -> dict[str, float]
         kl_coef, start, sft_eval = metadata["kl_coef"], metadata["iteration"], metadata["sft_eval"]
         print(f"[ppo] resumed from iteration {start}", flush=True)
     else:
-        sft_eval = evaluate_policy(run, state, with_actor=False)
+        sft_eval = evaluate_sft(run, state)
+        append_to_curve(curve, 0, sft_eval)
     ctx.logger.log(0, without_sample(sft_eval), prefix="ppo/eval_sft")
 
-    bar = progress(ppo.num_iterations - start, "ppo")
+    bar = progress(ppo.num_iterations - start, ppo.algorithm)
     for iteration in range(start, ppo.num_iterations):
         with CompileCounter() as compiles:
             state, stats = run_iteration(run.loop, state, iteration, kl_coef)
@@ -102,6 +106,10 @@ def run_ppo(ctx: RunContext, hooks: TaskHooks = TaskHooks()) -> dict[str, float]
         done = iteration + 1
         if done % ctx.config.log_every == 0 or done == ppo.num_iterations or iteration == start:
             ctx.logger.log(done, stats, prefix="ppo")
+        if ppo.eval_every and done % ppo.eval_every == 0 and done < ppo.num_iterations:
+            evaluation = evaluate_policy(run.loop, run, run.loop.role_states(state).actor, eval_states(ctx, run, state))
+            append_to_curve(curve, done, evaluation)
+            ctx.logger.log(done, without_sample(evaluation), prefix="ppo/eval")
         metadata = {
             "iteration": done,
             "kl_coef": kl_coef,
@@ -114,18 +122,63 @@ def run_ppo(ctx: RunContext, hooks: TaskHooks = TaskHooks()) -> dict[str, float]
     bar.close()
     checkpointer.close()
 
-    ppo_eval = evaluate_policy(run, state, with_actor=True)
+    ppo_eval = evaluate_policy(run.loop, run, run.loop.role_states(state).actor, eval_states(ctx, run, state))
+    append_to_curve(curve, ppo.num_iterations, ppo_eval)
     ctx.logger.log(ppo.num_iterations, without_sample(ppo_eval), prefix="ppo/eval_ppo")
     print(f"[ppo] sample before: {sft_eval.get('sample', '')!r}\n[ppo] sample after:  {ppo_eval.get('sample', '')!r}")
     export_roles(ctx, run, state)
-    return summary_values(sft_eval, ppo_eval)
+    if jax.process_index() == 0:
+        plot_curve(curve, f"{ctx.step_dir('ppo')}/eval_curve.png")
+    return summary_values(ppo.algorithm, sft_eval, ppo_eval)
+
+
+def initial_state(ppo, roles) -> tuple[PPOState, tuple]:
+    """The trained roles' states (the actor, the critic if any, the EMA) and their optimizers; the
+    loaded weights are donated into the state."""
+    updates_total = max(ppo.num_iterations * ppo.ppo_epochs * ppo.num_minibatches, 1)
+    actor, critic = roles.actor, roles.critic
+    actor_optimizer = make_optimizer(ppo.actor_optimizer, updates_total)
+    critic_optimizer = make_optimizer(ppo.critic_optimizer, updates_total) if critic else None
+    ema = jax.tree.map(jnp.copy, actor.states.params) if ppo.ema_decay > 0 else None
+    state = PPOState(
+        init_train_state(actor.states.params, actor.states.frozen, actor_optimizer),
+        init_train_state(critic.states.params, critic.states.frozen, critic_optimizer) if critic else None,
+        ema,
+    )
+    del actor.states  # donated into the train state
+    if critic:
+        del critic.states
+    return state, (actor_optimizer, critic_optimizer)
+
+
+def evaluate_sft(run: PPORun, state: PPOState) -> dict:
+    """The SFT policy on the held-out prompts: the reference, or the actor before its first update."""
+    states = run.loop.role_states(state)
+    policy = states.reference if states.reference is not None else states.actor
+    return evaluate_policy(run.loop, run, policy, dataclasses.replace(states, reference=None))
+
+
+def eval_states(ctx: RunContext, run: PPORun, state: PPOState):
+    """The roles that score an evaluation, with a reference for the KL to the SFT policy: without one
+    in training (kl_coef 0), the SFT model is loaded for it."""
+    states = run.loop.role_states(state)
+    if states.reference is not None:
+        return states
+    ppo = ctx.config.ppo
+    if ppo.actor_lora.rank:
+        return dataclasses.replace(states, reference=ModelStates(adapters_off(state.actor.params), state.actor.frozen))
+    if run.eval_reference is None:
+        run.eval_reference = load_model(ctx, run.sources["actor"], ppo.actor_model).states
+    return dataclasses.replace(states, reference=run.eval_reference)
 
 
 def prepare_run(ctx: RunContext, hooks: TaskHooks) -> tuple[PPORun, PPOState]:
-    """Loads the prompts and the four roles, builds the optimizers, the jitted functions and the
-    iterators: everything the loop needs, and the initial training state."""
+    """Loads the prompts and the roles the algorithm and the reward use, builds the optimizers, the
+    jitted functions and the iterators: everything the loop needs, and the initial training state."""
     config, ppo = ctx.config, ctx.config.ppo
-    roles = load_roles(ctx)
+    algorithm = ALGORITHMS[ppo.algorithm]
+    rewards = RewardMix.from_config(ppo.reward, ppo.reward_weights, "ppo.reward")
+    roles = load_roles(ctx, needs_critic=algorithm.needs_critic, uses_reward_model=rewards.uses_model)
     tokenizer = load_tokenizer(roles.sources["actor"])
     data = ctx.step_data("ppo")
     train_prompts, _ = tokenize_prompts(
@@ -133,24 +186,17 @@ def prepare_run(ctx: RunContext, hooks: TaskHooks) -> tuple[PPORun, PPOState]:
     )
     held_out = held_out_prompts(ctx, data.eval, tokenizer)
     print(
-        f"[ppo] {len(train_prompts['prompt_ids'])} train prompts, {len(held_out.texts)} eval prompts; {data.report}",
+        f"[ppo] {ppo.algorithm}: {len(train_prompts['prompt_ids'])} train prompts x {ppo.samples_per_prompt} "
+        f"samples, {len(held_out.texts)} eval prompts; roles: {', '.join(roles.sources)}; {data.report}",
         flush=True,
     )
 
-    actor, reference, critic, reward_model = roles.actor, roles.reference, roles.critic, roles.reward_model
     graphs = roles.graphs()
-    sizes = {"actor": count_params(actor.states), "critic": count_params(critic.states)}
-    updates_total = max(ppo.num_iterations * ppo.ppo_epochs * ppo.num_minibatches, 1)
-    actor_optimizer = make_optimizer(ppo.actor_optimizer, updates_total)
-    critic_optimizer = make_optimizer(ppo.critic_optimizer, updates_total)
-    ema = jax.tree.map(jnp.copy, actor.states.params) if ppo.ema_decay > 0 else None
-    state = PPOState(
-        init_train_state(actor.states.params, actor.states.frozen, actor_optimizer),
-        init_train_state(critic.states.params, critic.states.frozen, critic_optimizer),
-        ema,
-    )
-    del actor.states, critic.states  # donated into the train state
-
+    sizes = {
+        "actor": count_params(roles.actor.states),
+        "critic": count_params(roles.critic.states) if roles.critic else 0,
+    }
+    state, (actor_optimizer, critic_optimizer) = initial_state(ppo, roles)
     engine = HybridEngine(
         graphs.actor,
         (state.actor.params, state.actor.frozen),
@@ -161,7 +207,9 @@ def prepare_run(ctx: RunContext, hooks: TaskHooks) -> tuple[PPORun, PPOState]:
     )
     loop = PPOLoop(
         engine=engine,
-        experience_fn=make_experience_fn(graphs, RewardSettings.from_config(ppo), ppo.max_prompt_seq_len),
+        experience_fn=make_experience_fn(
+            graphs, RewardSettings.from_config(ppo, rewards.model_weight), ppo.max_prompt_seq_len
+        ),
         update_fn=make_ppo_update(
             graphs.actor,
             graphs.critic,
@@ -170,56 +218,38 @@ def prepare_run(ctx: RunContext, hooks: TaskHooks) -> tuple[PPORun, PPOState]:
             UpdateSettings.from_config(ppo),
             shardings_of(state),
         ),
-        reference=None if reference is None else reference.states,
-        reward_model=reward_model.states,
+        reference=None if roles.reference is None else roles.reference.states,
+        uses_reference=roles.uses_reference,
+        reward_model=None if roles.reward_model is None else roles.reward_model.states,
+        rewards=rewards,
+        tokenizer=tokenizer,
         prompts=batch_iterator(train_prompts, ppo.prompts_per_iteration, seed=config.data.seed + 3),
         ptx_rows=pretraining_rows(ctx, data.train, tokenizer, hooks),
         device_batch=ctx.device_batch,
+        global_batch=ctx.global_batch,
         key=jax.random.key(config.seed),
         num_minibatches=ppo.num_minibatches,
         ppo_epochs=ppo.ppo_epochs,
         prompt_len=ppo.max_prompt_seq_len,
+        samples_per_prompt=ppo.samples_per_prompt,
         sizes=sizes,
     )
-    run = PPORun(loop=loop, graphs=graphs, tokenizer=tokenizer, sources=roles.sources, held_out=held_out, hooks=hooks)
-    return run, state
-
-
-def sampling_settings(config, tokenizer) -> SamplingSettings:
-    """Rollout sampling from the run's generation section; answers up to ppo.max_answer_seq_len."""
-    generation = config.generation
-    return SamplingSettings(
-        eos_id=tokenizer.eos_token_id,
-        pad_id=pad_token_id(tokenizer),
-        max_new_tokens=config.ppo.max_answer_seq_len,
-        min_new_tokens=generation.min_new_tokens,
-        temperature=generation.temperature,
-        top_k=generation.top_k,
-        top_p=generation.top_p,
-        greedy=generation.greedy,
-        attention=generation.attention,
+    evaluation_graphs = dataclasses.replace(graphs, reference=graphs.reference or graphs.actor)
+    run = PPORun(
+        loop=loop,
+        graphs=graphs,
+        tokenizer=tokenizer,
+        sources=roles.sources,
+        held_out=held_out,
+        hooks=hooks,
+        evaluation_fn=make_evaluation_fn(evaluation_graphs, rewards.model_weight, ppo.max_prompt_seq_len),
     )
+    return run, state
 
 
 def batch_iterator(arrays: dict[str, np.ndarray], batch_size: int, seed: int) -> BatchIterator:
     return BatchIterator(
         arrays, batch_size, seed=seed, process_index=jax.process_index(), process_count=jax.process_count()
-    )
-
-
-def held_out_prompts(ctx: RunContext, records, tokenizer) -> HeldOutPrompts:
-    """This process's rows of the evaluation prompts (a multiple of the data-parallel size), and all their texts."""
-    ppo = ctx.config.ppo
-    arrays, kept = tokenize_prompts(
-        records, tokenizer, ppo.max_prompt_seq_len, ppo.long_prompt, cache_dir=ctx.cache_dir
-    )
-    replicas = ctx.mesh.shape["data"] * ctx.mesh.shape["fsdp"]
-    count = min(ppo.eval_prompts, len(kept)) // replicas * replicas
-    rows = count // jax.process_count()  # each process feeds its own rows of the global eval batch
-    mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
-    return HeldOutPrompts(
-        {name: arrays[name][:count][mine] for name in ("prompt_ids", "prompt_mask")},
-        [records[int(i)].prompt for i in kept[:count]],
     )
 
 
@@ -238,52 +268,30 @@ def pretraining_rows(ctx: RunContext, records, tokenizer, hooks: TaskHooks) -> B
     return batch_iterator(rows, ppo.prompts_per_iteration, seed=config.data.seed + 4)
 
 
-def evaluate_policy(run: PPORun, state: PPOState, with_actor: bool) -> dict:
-    """Samples answers to the held-out prompts (the same key every time) from the actor, or from
-    the reference (the SFT policy), and scores them by the reward model and the gold reward."""
-    loop = run.loop
-    states = loop.role_states(state)
-    policy = states.actor if with_actor else states.reference
-    prompts = loop.device_batch(run.held_out.arrays)
-    out, _ = loop.engine.generate(
-        (policy.params, policy.frozen),
-        prompts["prompt_ids"],
-        prompts["prompt_mask"],
-        jax.random.fold_in(loop.key, 10**6),
-    )
-    _, stats = loop.experience_fn(states, out.tokens, out.attention_mask, 0.0)
-    result = {
-        "rm_score": float(stats["score"]),
-        "kl_to_sft": float(stats["kl"]) if with_actor else 0.0,
-        "answer_length": float(stats["answer_length"]),
-    }
-    if run.hooks.gold_reward is not None:
-        answers = decode_answers(run.tokenizer, to_host(out.tokens), to_host(out.attention_mask), loop.prompt_len)
-        gold = [run.hooks.gold_reward(prompt, answer) for prompt, answer in zip(run.held_out.texts, answers)]
-        result["gold"], result["gold_se"] = mean_and_se(gold)
-        result["sample"] = run.held_out.texts[0].strip() + " ->" + answers[0]
-    return result
-
-
 def export_roles(ctx: RunContext, run: PPORun, state: PPOState) -> None:
-    """HF exports of the actor, the EMA actor, the critic and the reward model under <output_dir>/ppo/,
-    and the plot of the run's curves."""
-    models = {**merged_models(run.graphs, state), "reward_model": run.loop.reward_model.model(run.graphs.reward_model)}
+    """HF exports of the actor, the EMA actor, and (where the run has them) the critic and the reward
+    model under <output_dir>/ppo/, and the plot of the run's curves."""
+    models = merged_models(run.graphs, state)
+    if run.loop.reward_model is not None:
+        models["reward_model"] = run.loop.reward_model.model(run.graphs.reward_model)
     for role, model in models.items():
         export_model(model, ctx.step_dir("ppo", role), run.sources[role])
     if jax.process_index() == 0:
-        plot_metrics(
-            f"{ctx.output_dir}/metrics.jsonl",
-            "ppo",
-            ["score", "kl", "actor_loss", "critic_loss", "clipfrac", "entropy"],
-            f"{ctx.output_dir}/ppo/ppo.png",
-        )
+        curves = ["score", "kl", "actor_loss", "clipfrac", "entropy"]
+        if state.critic is not None:
+            curves.insert(3, "critic_loss")
+        plot_metrics(f"{ctx.output_dir}/metrics.jsonl", "ppo", curves, f"{ctx.output_dir}/ppo/ppo.png")
 
 
-def summary_values(sft_eval: dict, ppo_eval: dict) -> dict[str, float]:
+def summary_values(algorithm: str, sft_eval: dict, ppo_eval: dict) -> dict:
+    """The same keys for every algorithm: the training reward and (where the task has one) the gold
+    reward of the SFT and the trained policy on the held-out prompts, and the KL between them."""
     summary = {
-        "ppo.rm_score_sft": sft_eval["rm_score"],
-        "ppo.rm_score_ppo": ppo_eval["rm_score"],
+        "ppo.algorithm": algorithm,
+        "ppo.reward_score_sft": sft_eval["reward_score"],
+        "ppo.reward_score_sft_se": sft_eval["reward_score_se"],
+        "ppo.reward_score_ppo": ppo_eval["reward_score"],
+        "ppo.reward_score_ppo_se": ppo_eval["reward_score_se"],
         "ppo.kl_to_sft": ppo_eval["kl_to_sft"],
         "ppo.answer_length_ppo": ppo_eval["answer_length"],
     }
@@ -307,12 +315,3 @@ def require_kept_rows(stats: dict, iteration: int) -> None:
             "so nothing trains; raise ppo.max_answer_seq_len or generation.min_new_tokens, or set "
             "ppo.short_answer=penalize"
         )
-
-
-def without_sample(evaluation: dict) -> dict:
-    return {k: v for k, v in evaluation.items() if k != "sample"}
-
-
-def mean_and_se(values) -> tuple[float, float]:
-    values = np.asarray(values, np.float64)
-    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0

@@ -193,23 +193,28 @@ def actor_loss(logprobs, old_logprobs, advantages, mask, *, cliprange, dual_clip
     return masked_mean(per_token, mask), stats
 
 
-def value_loss(values, old_values, returns, mask, *, cliprange_value):
+def value_loss(values, old_values, returns, mask, *, cliprange_value, token_count=None):
     """Clipped critic loss exactly as DeepSpeed-Chat: 0.5 * masked_mean(max((v-R)^2, (clip(v)-R)^2)).
 
     clip(v) keeps v within old_values +- cliprange_value. Returns (loss, stats):
     value_clipfrac (share of tokens where the clipped term wins) and
-    explained_variance = 1 - Var(R - v) / Var(R) over masked tokens.
+    explained_variance = 1 - Var(R - v) / Var(R) over masked tokens. `token_count`, the whole
+    batch's number of masked tokens, makes a microbatch's loss and stats its share of the batch's
+    (they then add up over microbatches; explained_variance as a token-weighted mean).
     """
     values = jnp.asarray(values, jnp.float32)
     old_values = jnp.asarray(old_values, jnp.float32)
     returns = jnp.asarray(returns, jnp.float32)
+    mask = jnp.asarray(mask, jnp.float32)
     clipped_values = jnp.clip(values, old_values - cliprange_value, old_values + cliprange_value)
     unclipped_error = jnp.square(values - returns)
     clipped_error = jnp.square(clipped_values - returns)
-    loss = 0.5 * masked_mean(jnp.maximum(unclipped_error, clipped_error), mask)
+    share = 1.0 if token_count is None else mask.sum() / jnp.maximum(token_count, 1.0)
+    loss = 0.5 * masked_mean(jnp.maximum(unclipped_error, clipped_error), mask) * share
+    explained = 1.0 - masked_var(returns - values, mask) / (masked_var(returns, mask) + 1e-8)
     stats = {
-        "value_clipfrac": masked_mean(clipped_error > unclipped_error, mask),
-        "explained_variance": 1.0 - masked_var(returns - values, mask) / (masked_var(returns, mask) + 1e-8),
+        "value_clipfrac": masked_mean(clipped_error > unclipped_error, mask) * share,
+        "explained_variance": explained * share,
     }
     return loss, stats
 

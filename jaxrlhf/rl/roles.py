@@ -1,5 +1,7 @@
-"""The four models of step 3 as typed containers: the actor (trained), its frozen reference, the
-critic (trained) and the frozen reward model, each split into a static graph and its states."""
+"""The models of step 3 as typed containers: the actor (trained), its frozen reference, the critic
+(trained) and the frozen reward model, each split into a static graph and its states. Only the
+actor is always there: the critic-free algorithms have no critic, reward functions alone need no
+reward model, and kl_coef 0 needs no reference (under LoRA the reference is the actor's base)."""
 
 from __future__ import annotations
 
@@ -31,9 +33,9 @@ class RoleStates:
     """What the experience pass reads: each role's states in the training layout."""
 
     actor: ModelStates
-    reference: ModelStates
-    critic: ModelStates
-    reward_model: ModelStates
+    reference: ModelStates | None
+    critic: ModelStates | None
+    reward_model: ModelStates | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +43,9 @@ class RoleGraphs:
     """Each role's static graph (hashable: closed over by the jitted experience function)."""
 
     actor: nnx.GraphDef
-    reference: nnx.GraphDef
-    critic: nnx.GraphDef
-    reward_model: nnx.GraphDef
+    reference: nnx.GraphDef | None
+    critic: nnx.GraphDef | None
+    reward_model: nnx.GraphDef | None
 
 
 @dataclasses.dataclass
@@ -63,44 +65,61 @@ def load_model(ctx, path: str, model_config, lora=None, value_head: bool = False
 
 @dataclasses.dataclass
 class LoadedRoles:
-    """The four roles just loaded, and where each one's weights, config and tokenizer come from."""
+    """The roles just loaded, and where each one's weights, config and tokenizer come from."""
 
     actor: LoadedModel
-    reference: LoadedModel | None  # None: the actor's own base with adapters off (LoRA)
-    critic: LoadedModel
-    reward_model: LoadedModel
+    reference: LoadedModel | None  # None: the actor's own base with adapters off (LoRA), or no reference
+    critic: LoadedModel | None  # None: a critic-free algorithm
+    reward_model: LoadedModel | None  # None: reward functions alone
     sources: dict[str, str]
+    uses_reference: bool  # kl_coef > 0 (or adaptive): the KL to the SFT policy is part of training
 
     def graphs(self) -> RoleGraphs:
+        reference = self.reference or (self.actor if self.uses_reference else None)
         return RoleGraphs(
             actor=self.actor.graphdef,
-            reference=(self.reference or self.actor).graphdef,
-            critic=self.critic.graphdef,
-            reward_model=self.reward_model.graphdef,
+            reference=None if reference is None else reference.graphdef,
+            critic=None if self.critic is None else self.critic.graphdef,
+            reward_model=None if self.reward_model is None else self.reward_model.graphdef,
         )
 
 
-def load_roles(ctx) -> LoadedRoles:
-    """The actor (and its reference) from SFT, the critic and the reward model from RM, unless
-    configured otherwise; each checked first against the longest rollout."""
+def uses_reference(ppo) -> bool:
+    """kl_coef 0 (and no controller to raise it) loads no reference model at all."""
+    return ppo.kl_coef > 0 or ppo.adaptive_kl
+
+
+def load_roles(ctx, needs_critic: bool, uses_reward_model: bool) -> LoadedRoles:
+    """The actor (and its reference) from SFT; the critic and the reward model from RM, unless
+    configured otherwise; only the roles the algorithm and the reward use, each checked first
+    against the longest rollout."""
     ppo = ctx.config.ppo
-    sources = {
-        "actor": ctx.model_path(ppo.actor_model.path, previous_step="sft"),
-        "critic": ctx.model_path(ppo.critic_model.path, previous_step="rm"),
-    }
-    sources["reward_model"] = (
-        sources["critic"]
-        if ppo.reward_model.path == PREVIOUS_STAGE
-        else ctx.model_path(ppo.reward_model.path, previous_step="rm")
-    )
+    sources = {"actor": ctx.model_path(ppo.actor_model.path, previous_step="sft")}
+    critic_source = None  # where the critic starts, and the reward model unless set: the RM step's export
+    if needs_critic or uses_reward_model:
+        critic_source = ctx.model_path(ppo.critic_model.path, previous_step="rm")
+    if needs_critic:
+        sources["critic"] = critic_source
+    if uses_reward_model:
+        sources["reward_model"] = (
+            critic_source
+            if ppo.reward_model.path == PREVIOUS_STAGE
+            else ctx.model_path(ppo.reward_model.path, previous_step="rm")
+        )
     for path in sources.values():
         check_sequence_fits(
             path, ppo.max_prompt_seq_len + ppo.max_answer_seq_len, "ppo.max_prompt_seq_len + max_answer_seq_len"
         )
+    reference = uses_reference(ppo)
     return LoadedRoles(
         actor=load_model(ctx, sources["actor"], ppo.actor_model, ppo.actor_lora),
-        reference=None if ppo.actor_lora.rank > 0 else load_model(ctx, sources["actor"], ppo.actor_model),
-        critic=load_model(ctx, sources["critic"], ppo.critic_model, ppo.critic_lora, value_head=True),
-        reward_model=load_model(ctx, sources["reward_model"], ppo.reward_model, value_head=True),
+        reference=load_model(ctx, sources["actor"], ppo.actor_model) if reference and not ppo.actor_lora.rank else None,
+        critic=load_model(ctx, critic_source, ppo.critic_model, ppo.critic_lora, value_head=True)
+        if needs_critic
+        else None,
+        reward_model=load_model(ctx, sources["reward_model"], ppo.reward_model, value_head=True)
+        if uses_reward_model
+        else None,
         sources={**sources, "actor_ema": sources["actor"]},
+        uses_reference=reference,
     )

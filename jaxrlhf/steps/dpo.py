@@ -13,11 +13,15 @@ from flax import nnx
 
 from jaxrlhf.data.tokenize import tokenize_pairs
 from jaxrlhf.generation.hybrid_engine import HybridEngine
-from jaxrlhf.generation.prompting import decode_answers
 from jaxrlhf.models import load_tokenizer
-from jaxrlhf.parallel.mesh import to_host
 from jaxrlhf.rl.dpo_math import preference_loss
-from jaxrlhf.rl.ppo import held_out_prompts, mean_and_se, sampling_settings
+from jaxrlhf.rl.evaluation import (
+    EVALUATION_KEY,
+    gold_of_answers,
+    held_out_answers,
+    held_out_prompts,
+    sampling_settings,
+)
 from jaxrlhf.run_context import RunContext
 from jaxrlhf.steps.loop import SupervisedJob, run_supervised
 from jaxrlhf.train_state import split_for_training, split_microbatches
@@ -112,7 +116,7 @@ def run_dpo(ctx: RunContext, gold_reward: Callable | None = None) -> dict[str, f
 
 def gold_of_samples(ctx: RunContext, path: str, gold_reward: Callable) -> tuple[float, float, str]:
     """The mean gold reward (and its standard error) of a policy's answers to the held-out
-    prompts of the PPO slice, sampled as PPO's evaluation samples them (settings and key)."""
+    prompts of the PPO slice, sampled as step 3's evaluation samples them (settings and key)."""
     config = ctx.config
     tokenizer = load_tokenizer(path)
     held_out = held_out_prompts(ctx, ctx.step_data("ppo").eval, tokenizer)
@@ -126,9 +130,9 @@ def gold_of_samples(ctx: RunContext, path: str, gold_reward: Callable) -> tuple[
         sampling_settings(config, tokenizer),
         ctx.generation_rules,
     )
-    prompts = ctx.device_batch(held_out.arrays)
-    key = jax.random.fold_in(jax.random.key(config.seed), 10**6)
-    out, _ = engine.generate((params, frozen), prompts["prompt_ids"], prompts["prompt_mask"], key)
-    answers = decode_answers(tokenizer, to_host(out.tokens), to_host(out.attention_mask), config.ppo.max_prompt_seq_len)
-    gold, se = mean_and_se([gold_reward(prompt, answer) for prompt, answer in zip(held_out.texts, answers)])
-    return gold, se, held_out.texts[0].strip() + " ->" + answers[0]
+    key = jax.random.fold_in(jax.random.key(config.seed), EVALUATION_KEY)
+    _, answers = held_out_answers(
+        engine, (params, frozen), ctx.device_batch, held_out, key, tokenizer, config.ppo.max_prompt_seq_len
+    )
+    result = gold_of_answers(gold_reward, held_out, answers)
+    return result["gold"], result["gold_se"], result["sample"]

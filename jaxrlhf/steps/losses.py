@@ -17,19 +17,27 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf.models.outputs import last_token_index
+from jaxrlhf.train_state import WholeBatchMean
 
 
-def language_model_loss(model, batch):
-    """Mean next-token negative log-likelihood over the tokens `loss_mask` marks (prompt tokens
-    excluded unless the data says otherwise); packed rows carry positions and segment ids.
-    Returns (loss, metrics)."""
+def _language_model_loss(model, batch, totals):
+    """Next-token negative log-likelihood summed over the tokens `loss_mask` marks (prompt tokens
+    excluded unless the data says otherwise), over the whole batch's count of them; packed rows
+    carry positions and segment ids. Returns (loss, metrics)."""
     logprobs, _ = model.token_logprobs(
         batch["input_ids"], batch["attention_mask"], batch.get("positions"), batch.get("segment_ids")
     )
     mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    tokens = mask.sum()
-    loss = -(logprobs * mask).sum() / jnp.maximum(tokens, 1.0)
-    return loss, {"tokens": tokens}
+    loss = -(logprobs * mask).sum() / jnp.maximum(totals["tokens"], 1.0)
+    return loss, {"tokens": mask.sum()}
+
+
+def target_tokens(batch) -> dict:
+    return {"tokens": batch["loss_mask"][:, 1:].astype(jnp.float32).sum()}
+
+
+# The mean over every target token of the batch, however it is split into microbatches.
+language_model_loss = WholeBatchMean(_language_model_loss, target_tokens)
 
 
 def pairwise_loss_final_token(chosen_scores, rejected_scores, *, centering_coef=0.0):
