@@ -104,3 +104,53 @@ def test_outputs_a_user_needs(default_run):
     reward = transformers.AutoModelForSequenceClassification.from_pretrained(out / "rm" / "model")
     with torch.no_grad():
         assert np.isfinite(reward(answer).logits.numpy()).all()
+
+
+def step3(out, output_dir, config_file, *overrides):
+    """Step 3 alone with a shipped config, from the default run's SFT and reward models."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    argv = [
+        sys.executable, "-m", "jaxrlhf.train", config_file, "steps=[ppo]", f"output_dir={output_dir}",
+        f"ppo.actor_model.path={out / 'sft' / 'model'}", f"ppo.critic_model.path={out / 'rm' / 'model'}",
+        f"data.cache_dir={out / 'cache'}", "tensorboard=false", *overrides,
+    ]  # fmt: skip
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.load(open(output_dir / "summary.json")), result.stdout
+
+
+def gain_in_se(summary, name):
+    gain = summary[f"ppo.{name}_ppo"] - summary[f"ppo.{name}_sft"]
+    return gain / math.hypot(summary[f"ppo.{name}_sft_se"], summary[f"ppo.{name}_ppo_se"])
+
+
+@pytest.mark.parametrize("algorithm, standard_errors", [("grpo", 3), ("rloo", 2), ("reinforce_pp", 2)])
+def test_critic_free_algorithms_raise_the_gold_reward_without_a_critic(
+    default_run, tmp_path, algorithm, standard_errors
+):
+    out, ppo_summary, _ = default_run
+    summary, stdout = step3(out, tmp_path, f"configs/{algorithm}.yaml")
+    assert summary["ppo.algorithm"] == algorithm
+    assert gain_in_se(summary, "gold_reward") > standard_errors, summary
+    assert 0 <= summary["ppo.kl_to_sft"] < 20
+    assert {k for k in summary if k.startswith("ppo.")} == {k for k in ppo_summary if k.startswith("ppo.")}
+    # no critic in its plan, its roles, its metrics or its exports
+    plan = next(line for line in stdout.splitlines() if line.startswith("[plan] ppo:"))
+    roles = next(line for line in stdout.splitlines() if "roles:" in line)
+    assert "critic" not in plan and "critic" not in roles, (plan, roles)
+    assert not os.path.exists(tmp_path / "ppo" / "critic") and os.path.exists(tmp_path / "ppo" / "actor")
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert not any(key.startswith("critic") for row in metrics for key in row)
+    curve = [json.loads(line)["iteration"] for line in open(tmp_path / "ppo" / "eval_curve.jsonl")]
+    assert curve == list(range(0, 81, 10)) and os.path.getsize(tmp_path / "ppo" / "eval_curve.png") > 1000
+
+
+def test_grpo_with_the_public_rule_reward_alone_raises_it(default_run, tmp_path):
+    """No reward model at all: the built-in task's visible format reward (greeting and closing)."""
+    out, _, _ = default_run
+    rule = "ppo.reward=[jaxrlhf.data.builtin:format_reward]"
+    summary, stdout = step3(out, tmp_path, "configs/grpo.yaml", rule, "ppo.kl_coef=0")
+    assert gain_in_se(summary, "reward_score") > 3, summary
+    assert "reward_model" not in next(line for line in stdout.splitlines() if "roles:" in line)
+    assert not os.path.exists(tmp_path / "ppo" / "reward_model")
