@@ -36,9 +36,9 @@ def parse_args(argv):
 def time_ours(path, args, batch):
     import jax
 
+    from jaxrlhf.losses import language_model_loss
     from jaxrlhf.models import load_pretrained
     from jaxrlhf.parallel import TRAINING_RULES, batch_sharding, make_mesh
-    from jaxrlhf.steps.losses import language_model_loss
     from jaxrlhf.train_state import (
         init_train_state,
         make_optimizer,

@@ -17,8 +17,8 @@ from jaxrlhf.data.tokenize import tokenize_pairs
 from jaxrlhf.metrics import CompileCounter
 from jaxrlhf.models import load_pretrained
 from jaxrlhf.parallel import TRAINING_RULES, batch_sharding, make_mesh
-from jaxrlhf.rl.dpo_math import preference_loss
 from jaxrlhf.steps.dpo import make_dpo_loss, pair_logprobs, reference_logprobs
+from jaxrlhf.steps.dpo_math import preference_loss
 from jaxrlhf.train_state import init_train_state, make_optimizer, make_train_step, shardings_of, split_for_training
 
 LOGPS = dict(  # policy and reference log-probs of four pairs

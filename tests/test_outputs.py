@@ -8,9 +8,9 @@ import transformers
 from flax import nnx
 
 from jaxrlhf.config import OptimizerConfig
+from jaxrlhf.losses import language_model_loss
 from jaxrlhf.models import CausalLM, DecoderConfig
 from jaxrlhf.models.outputs import chunked_token_logprobs, logprobs_and_entropy
-from jaxrlhf.steps.losses import language_model_loss
 from jaxrlhf.train_state import TrainState, make_optimizer, make_train_step, split_for_training
 
 

@@ -59,3 +59,20 @@ def test_modules_and_functions_stay_readable(name):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             length = node.end_lineno - node.lineno + 1
             assert length <= MAX_FUNCTION_LINES, f"{name}.{node.name}: {length} lines"
+
+
+def test_the_packages_import_each_other_in_one_direction():
+    """rl/ (step 3) and steps/ (steps 1, 2, DPO) share code only through modules below both."""
+
+    def package(name):
+        parts = name.split(".")
+        return parts[1] if len(parts) > 2 or MODULES[name].name == "__init__.py" and len(parts) == 2 else None
+
+    edges = {
+        (package(name), package(target))
+        for name in MODULES
+        for target in top_level_imports(name)
+        if package(name) and package(target) and package(name) != package(target)
+    }
+    cycles = sorted((a, b) for a, b in edges if (b, a) in edges)
+    assert not cycles, f"packages importing each other: {cycles}"

@@ -9,12 +9,12 @@ import pytest
 from flax import nnx
 from hf_fixtures import padded_batch, save_tiny_model
 
+from jaxrlhf.losses import language_model_loss
 from jaxrlhf.metrics import CompileCounter
 from jaxrlhf.models import load_pretrained
 from jaxrlhf.models.lora import apply_lora
 from jaxrlhf.models.outputs import next_token_logprobs
 from jaxrlhf.parallel import TRAINING_RULES, batch_sharding, make_mesh
-from jaxrlhf.steps.losses import language_model_loss
 from jaxrlhf.train_state import (
     accumulate_gradients,
     init_train_state,

@@ -147,6 +147,9 @@ class PPOConfig:
     kl_loss_estimator: Literal["k1", "k2", "k3"] = "k3"  # the KL loss term's estimator (grpo)
     group_baseline: bool = False  # reinforce_pp: subtract each prompt's mean score first (n > 1)
     drop_uniform_groups: bool = False  # DAPO dynamic sampling: groups whose n rewards are all equal train nothing
+    oversample_prompts: int = (
+        0  # ... and this many extra prompts per iteration refill the batch with informative groups
+    )
     overlong_buffer: int = 0  # DAPO soft overlong penalty: the last this-many answer tokens before the limit
     overlong_penalty: float = 1.0  # ... cost up to this much, growing linearly, at the limit
     # Rollout correction for the generation copy (bf16) vs the training forward: truncated importance
@@ -252,7 +255,12 @@ class PPOConfig:
 
         algorithm = ALGORITHMS[self.algorithm]
         at_least(self, key, 1, "samples_per_prompt")
-        at_least(self, key, 0, "overlong_buffer", "eval_every")
+        at_least(self, key, 0, "overlong_buffer", "eval_every", "oversample_prompts")
+        require(
+            self.drop_uniform_groups or not self.oversample_prompts,
+            f"{key}.oversample_prompts",
+            "refills the groups drop_uniform_groups drops: set ppo.drop_uniform_groups=true",
+        )
         require(
             self.samples_per_prompt >= algorithm.min_samples_per_prompt,
             f"{key}.samples_per_prompt",

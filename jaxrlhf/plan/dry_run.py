@@ -18,18 +18,19 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxrlhf.config import OptimizerConfig
+from jaxrlhf.evaluation import sampling_settings
 from jaxrlhf.generation.generate import generate_from_state
 from jaxrlhf.generation.hybrid_engine import HybridEngine
+from jaxrlhf.losses import language_model_loss
 from jaxrlhf.models.config import DecoderConfig
 from jaxrlhf.parallel.rules import Rules, activation_sharding, batch_sharding, state_shardings
 from jaxrlhf.plan.estimate import Job, abstract_model
-from jaxrlhf.rl.evaluation import sampling_settings
+from jaxrlhf.plan.step3 import generated_prompts, rollout_rows
 from jaxrlhf.rl.experience import RewardSettings, make_experience_fn
 from jaxrlhf.rl.rewards import RewardMix
 from jaxrlhf.rl.roles import ModelStates, RoleGraphs, RoleStates, uses_reference
 from jaxrlhf.rl.update import PPOState, UpdateSettings, make_ppo_update
 from jaxrlhf.steps.dpo import make_dpo_loss
-from jaxrlhf.steps.losses import language_model_loss
 from jaxrlhf.steps.reward_model import make_reward_loss
 from jaxrlhf.train_state import (
     TrainState,
@@ -173,7 +174,7 @@ def ppo_phase_bytes(
     arguments. `configs` carry each role's remat and name the models the run holds (`ppo_models`)."""
     shapes = step3_shapes(ppo, configs, rules, mesh)
     state, graphs = shapes.state, shapes.graphs
-    rows, seq = ppo.prompts_per_iteration * ppo.samples_per_prompt, ppo.max_prompt_seq_len + ppo.max_answer_seq_len
+    rows, seq = rollout_rows(ppo), ppo.max_prompt_seq_len + ppo.max_answer_seq_len
     batch = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape), rules))
     tokens = batch((rows, seq), jnp.int32)
     scores, rollout_logprobs = batch((rows,), jnp.float32), batch((rows, ppo.max_answer_seq_len), jnp.float32)
@@ -229,7 +230,7 @@ def generation_phase_bytes(actor_graphdef, state: PPOState, ppo, generation, rul
     abstract = jax.eval_shape(engine.generation_state, (state.actor.params, state.actor.frozen))
     generation_state = placed(abstract, engine.shardings)
     rows = batch_sharding(engine.mesh, 2, rules)
-    prompts = jax.ShapeDtypeStruct((ppo.prompts_per_iteration, ppo.max_prompt_seq_len), jnp.int32, sharding=rows)
+    prompts = jax.ShapeDtypeStruct((generated_prompts(ppo), ppo.max_prompt_seq_len), jnp.int32, sharding=rows)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
     with activation_sharding(engine.mesh, rules):
         program = generate_from_state.lower(

@@ -47,7 +47,17 @@ def ppo_models(ppo) -> tuple[str, ...]:
 
 
 def rollout_rows(ppo) -> int:
-    """The answers of one iteration: every prompt answered samples_per_prompt times."""
+    """The answers generated and scored in one iteration: every prompt (the extra ones of dynamic
+    sampling too) answered samples_per_prompt times."""
+    return generated_prompts(ppo) * ppo.samples_per_prompt
+
+
+def generated_prompts(ppo) -> int:
+    return ppo.prompts_per_iteration + ppo.oversample_prompts
+
+
+def update_rows(ppo) -> int:
+    """The answers the update trains on: prompts_per_iteration groups of samples_per_prompt."""
     return ppo.prompts_per_iteration * ppo.samples_per_prompt
 
 
@@ -55,7 +65,7 @@ def plan_ppo(ppo, generation, configs: dict[str, DecoderConfig], target: Target,
     """Step 3 with the models of `configs` (those of `ppo_models`) resident, then generate,
     experience and update, each at its own peak."""
     rules, mesh = target.training_rules, target.mesh
-    seq, minibatch = ppo.max_prompt_seq_len + ppo.max_answer_seq_len, rollout_rows(ppo) // ppo.num_minibatches
+    seq, minibatch = ppo.max_prompt_seq_len + ppo.max_answer_seq_len, update_rows(ppo) // ppo.num_minibatches
     lora = {"actor": ppo.actor_lora.rank, "critic": ppo.critic_lora.rank}
     trained = {
         role: estimate_job(
@@ -138,7 +148,7 @@ def generation_copy(config: DecoderConfig, ppo, tensor_parallel: int, target: Ta
     state = nnx.state(nnx.eval_shape(lambda: CausalLM(gen, nnx.Rngs(0))))
     weights = device_bytes(state, target.generation_rules, mesh)
     local = lambda rows: -(-rows // mesh.shape["fsdp"])
-    prompts, decoded = local(ppo.prompts_per_iteration), local(rollout_rows(ppo))
+    prompts, decoded = local(generated_prompts(ppo)), local(rollout_rows(ppo))
     kv_heads = gen.num_kv_heads // tensor_parallel if gen.num_kv_heads % tensor_parallel == 0 else gen.num_kv_heads
     seq = ppo.max_prompt_seq_len + ppo.max_answer_seq_len
     row_bytes = 2 * gen.num_layers * kv_heads * seq * gen.head_dim * jnp.dtype(gen.compute_dtype).itemsize

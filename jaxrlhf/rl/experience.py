@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jaxrlhf.models.outputs import sequence_scores
 from jaxrlhf.rl.algorithms import ALGORITHMS, ESTIMATORS, EstimatorInputs, EstimatorSettings
 from jaxrlhf.rl.policy_loss import rollout_correction
-from jaxrlhf.rl.ppo_math import kl_penalty, masked_mean, reward_span_mask
+from jaxrlhf.rl.ppo_math import kl_penalty, logprob_agreement, masked_mean, reward_span_mask
 from jaxrlhf.rl.roles import RoleGraphs, RoleStates
 
 
@@ -51,6 +51,8 @@ class RewardSettings:
     overlong_buffer: int
     overlong_penalty: float
     drop_uniform_groups: bool
+    prompts_per_iteration: int  # the groups the update trains on
+    oversample_prompts: int  # extra groups generated, to replace uniform ones
     rollout_correction: str
     rollout_correction_cap: float
     model_weight: float  # the reward model's weight in the training reward (0: not used)
@@ -172,6 +174,17 @@ def make_experience(
     return experience, stats
 
 
+def informative_groups_first(experience: Experience, groups: int, n: int) -> tuple[Experience, dict]:
+    """The first `groups` groups that still train (a kept row: not dropped as uniform or short), in
+    generation order, then the others masked: DAPO's dynamic sampling with fixed shapes, so the
+    update never recompiles; when too few groups are informative the batch is topped up with
+    masked ones."""
+    informative = experience.kept.reshape(-1, n).max(-1)  # [generated groups]
+    order = jnp.argsort(1.0 - informative, stable=True)[:groups]
+    rows = (order[:, None] * n + jnp.arange(n)).reshape(-1)  # prompt-major rows of the chosen groups
+    return jax.tree.map(lambda x: x[rows], experience), {"informative_group_share": informative[order].mean()}
+
+
 def role_models(graphs: RoleGraphs, states: RoleStates) -> dict:
     """Each role's module (None for a role the run does without)."""
     return {
@@ -182,20 +195,21 @@ def role_models(graphs: RoleGraphs, states: RoleStates) -> dict:
 
 def make_experience_fn(graphs: RoleGraphs, settings: RewardSettings, prompt_len: int):
     """A jitted `(states, tokens, attention_mask, kl_coef, function_scores [batch], rollout_logprobs
-    [batch, new]) -> (Experience, stats)`."""
+    [batch, new]) -> (Experience, stats)`; with oversampling, the experience keeps
+    prompts_per_iteration groups of the batch's (`informative_groups_first`)."""
 
     @jax.jit
     def experience_fn(states: RoleStates, tokens, attention_mask, kl_coef, function_scores, rollout_logprobs):
-        return make_experience(
-            role_models(graphs, states),
-            tokens,
-            attention_mask,
-            prompt_len,
-            kl_coef,
-            function_scores,
-            rollout_logprobs,
-            settings,
+        models = role_models(graphs, states)
+        experience, stats = make_experience(
+            models, tokens, attention_mask, prompt_len, kl_coef, function_scores, rollout_logprobs, settings
         )
+        stats.update(logprob_agreement(rollout_logprobs, experience.old_logprobs, attention_mask, prompt_len))
+        if settings.oversample_prompts:
+            n = settings.estimator.samples_per_prompt
+            experience, chosen = informative_groups_first(experience, settings.prompts_per_iteration, n)
+            stats.update(chosen)
+        return experience, stats
 
     return experience_fn
 

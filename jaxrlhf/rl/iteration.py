@@ -22,7 +22,6 @@ from jaxrlhf.generation.hybrid_engine import GenerationTimings, HybridEngine
 from jaxrlhf.generation.prompting import decode_answers
 from jaxrlhf.models.lora import adapters_off
 from jaxrlhf.parallel.mesh import to_host
-from jaxrlhf.rl.ppo_math import logprob_agreement
 from jaxrlhf.rl.rewards import RewardMix
 from jaxrlhf.rl.roles import ModelStates, RoleStates
 from jaxrlhf.rl.update import PPOState
@@ -103,7 +102,6 @@ def run_iteration(loop: PPOLoop, state: PPOState, iteration: int, kl_coef: float
         )
     )
     experience_s = time.perf_counter() - clock
-    agreement = logprob_agreement(rollout.logprobs, experience.old_logprobs, rollout.attention_mask, loop.prompt_len)
     ptx = None
     if loop.ptx_rows is not None:  # one pretraining batch per minibatch
         rows = loop.device_batch(next(loop.ptx_rows))
@@ -113,7 +111,7 @@ def run_iteration(loop: PPOLoop, state: PPOState, iteration: int, kl_coef: float
         loop.update_fn(state, experience, ptx, jax.random.fold_in(key, 1), jnp.float32(kl_coef))
     )
     train_s = time.perf_counter() - clock
-    stats = {k: float(v) for k, v in jax.device_get({**stats, **agreement, **metrics}).items()}
+    stats = {k: float(v) for k, v in jax.device_get({**stats, **metrics}).items()}
     stats.update(reward_metrics)
     phases = PhaseTimes(timings, reward_metrics.get("time/reward_fn_s", 0.0), experience_s, train_s)
     stats.update(iteration_timings(phases, rollout.tokens, rollout.attention_mask, loop))

@@ -6,7 +6,7 @@ jitted function scores them with the roles in the training layout and makes the 
 the algorithm's estimator (`rl/algorithms.py`); one jitted function runs the whole update. Before
 the first iteration, every `eval_every` iterations and after the last, the policy answers the same
 held-out prompts with the same sampling settings and keys, scored by the training reward and,
-where the task has one, by a gold reward that training never sees (`rl/evaluation.py`).
+where the task has one, by a gold reward that training never sees (`evaluation.py`).
 """
 
 from __future__ import annotations
@@ -21,12 +21,7 @@ import numpy as np
 from jaxrlhf.checkpoint import maybe_kill_after_checkpoint
 from jaxrlhf.data.batches import BatchIterator, BatchPosition
 from jaxrlhf.data.tokenize import tokenize_pretraining, tokenize_prompts
-from jaxrlhf.generation.hybrid_engine import HybridEngine
-from jaxrlhf.metrics import CompileCounter, count_params, plot_metrics, progress
-from jaxrlhf.models import export_model, load_tokenizer
-from jaxrlhf.models.lora import adapters_off
-from jaxrlhf.rl.algorithms import ALGORITHMS
-from jaxrlhf.rl.evaluation import (
+from jaxrlhf.evaluation import (
     HeldOutPrompts,
     append_to_curve,
     evaluate_policy,
@@ -35,6 +30,11 @@ from jaxrlhf.rl.evaluation import (
     sampling_settings,
     without_sample,
 )
+from jaxrlhf.generation.hybrid_engine import HybridEngine
+from jaxrlhf.metrics import CompileCounter, count_params, plot_metrics, progress
+from jaxrlhf.models import export_model, load_tokenizer
+from jaxrlhf.models.lora import adapters_off
+from jaxrlhf.rl.algorithms import ALGORITHMS
 from jaxrlhf.rl.experience import RewardSettings, make_evaluation_fn, make_experience_fn
 from jaxrlhf.rl.iteration import PPOLoop, merged_models, run_iteration
 from jaxrlhf.rl.ppo_math import adaptive_kl_update
@@ -223,7 +223,9 @@ def prepare_run(ctx: RunContext, hooks: TaskHooks) -> tuple[PPORun, PPOState]:
         reward_model=None if roles.reward_model is None else roles.reward_model.states,
         rewards=rewards,
         tokenizer=tokenizer,
-        prompts=batch_iterator(train_prompts, ppo.prompts_per_iteration, seed=config.data.seed + 3),
+        prompts=batch_iterator(
+            train_prompts, ppo.prompts_per_iteration + ppo.oversample_prompts, seed=config.data.seed + 3
+        ),
         ptx_rows=pretraining_rows(ctx, data.train, tokenizer, hooks),
         device_batch=ctx.device_batch,
         global_batch=ctx.global_batch,

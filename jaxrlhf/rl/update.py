@@ -16,12 +16,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrlhf.losses import language_model_loss, target_tokens
 from jaxrlhf.rl.algorithms import ALGORITHMS
 from jaxrlhf.rl.experience import Experience
 from jaxrlhf.rl.policy_loss import aggregate, clipped_surrogate, kl_loss, loss_totals
 from jaxrlhf.rl.ppo_math import value_loss
 from jaxrlhf.rl.roles import uses_reference
-from jaxrlhf.steps.losses import language_model_loss, target_tokens
 from jaxrlhf.train_state import (
     TrainState,
     WholeBatchMean,

@@ -1,5 +1,5 @@
 """DPO as a step: the SFT policy trained on the preference pairs against its frozen starting
-point (the loss: `rl/dpo_math.py`), exported like the PPO actor and judged the same way: answers
+point (the loss: `steps/dpo_math.py`), exported like the PPO actor and judged the same way: answers
 to the PPO slice's held-out prompts, sampled with the same settings and key, scored by the gold
 reward when the task has one."""
 
@@ -12,17 +12,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrlhf.data.tokenize import tokenize_pairs
-from jaxrlhf.generation.hybrid_engine import HybridEngine
-from jaxrlhf.models import load_tokenizer
-from jaxrlhf.rl.dpo_math import preference_loss
-from jaxrlhf.rl.evaluation import (
+from jaxrlhf.evaluation import (
     EVALUATION_KEY,
     gold_of_answers,
     held_out_answers,
     held_out_prompts,
     sampling_settings,
 )
+from jaxrlhf.generation.hybrid_engine import HybridEngine
+from jaxrlhf.models import load_tokenizer
 from jaxrlhf.run_context import RunContext
+from jaxrlhf.steps.dpo_math import preference_loss
 from jaxrlhf.steps.loop import SupervisedJob, run_supervised
 from jaxrlhf.train_state import split_for_training, split_microbatches
 

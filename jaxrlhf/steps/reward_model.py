@@ -5,10 +5,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxrlhf.data.tokenize import tokenize_pairs
+from jaxrlhf.losses import pairwise_accuracy, pairwise_loss_deepspeed_chat, pairwise_loss_final_token
 from jaxrlhf.models.outputs import sequence_scores
 from jaxrlhf.run_context import RunContext
 from jaxrlhf.steps.loop import SupervisedJob, run_supervised
-from jaxrlhf.steps.losses import pairwise_accuracy, pairwise_loss_deepspeed_chat, pairwise_loss_final_token
 
 
 def pair_values(model, batch):

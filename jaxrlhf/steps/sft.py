@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 from jaxrlhf.data.tokenize import tokenize_sft
+from jaxrlhf.losses import language_model_loss
 from jaxrlhf.run_context import RunContext
 from jaxrlhf.steps.loop import SupervisedJob, run_supervised
-from jaxrlhf.steps.losses import language_model_loss
 
 
 def run_sft(ctx: RunContext) -> dict[str, float]:
