@@ -33,12 +33,15 @@ class HeldOutPrompts:
 
 
 def held_out_prompts(ctx, records, tokenizer) -> HeldOutPrompts:
-    """This process's rows of the evaluation prompts (a multiple of the data-parallel size), and all their texts."""
+    """This process's rows of the evaluation prompts (a multiple of both layouts' replicas), and all their texts."""
     ppo = ctx.config.ppo
     arrays, kept = tokenize_prompts(
         records, tokenizer, ppo.max_prompt_seq_len, ppo.long_prompt, cache_dir=ctx.cache_dir
     )
-    replicas = ctx.mesh.shape["data"] * ctx.mesh.shape["fsdp"]
+    # whole rows for the training layout's replicas and for the generation layout's
+    replicas = math.lcm(
+        ctx.mesh.shape["data"] * ctx.mesh.shape["fsdp"], ctx.mesh.devices.size // ctx.config.generation.tensor_parallel
+    )
     count = min(ppo.eval_prompts, len(kept)) // replicas * replicas
     rows = count // jax.process_count()  # each process feeds its own rows of the global eval batch
     mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)

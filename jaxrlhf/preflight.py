@@ -13,6 +13,8 @@ import os
 
 from jaxrlhf.config import PREVIOUS_STAGE, changed_settings
 from jaxrlhf.models import DecoderConfig, read_hf_config
+from jaxrlhf.rl.algorithms import ALGORITHMS
+from jaxrlhf.rl.rewards import RewardMix
 from jaxrlhf.run_context import RunContext
 
 
@@ -70,14 +72,29 @@ def check_batch_sizes(ctx: RunContext) -> None:
                     f"= {micro} rows per microbatch do not divide over {where}"
                 )
     if "ppo" in config.steps:
-        ppo = config.ppo
-        minibatch = ppo.prompts_per_iteration // ppo.num_minibatches
-        if minibatch % ppo.grad_accum_steps or (minibatch // ppo.grad_accum_steps) % replicas:
-            raise ValueError(
-                f"ppo.prompts_per_iteration={ppo.prompts_per_iteration} / num_minibatches="
-                f"{ppo.num_minibatches} / grad_accum_steps={ppo.grad_accum_steps} does not give whole "
-                f"microbatches that divide over {where}"
-            )
+        check_rollout_sizes(ctx, where)
+
+
+def check_rollout_sizes(ctx: RunContext, where: str) -> None:
+    """Step 3's prompts split over the generation layout's replicas (devices / tensor_parallel),
+    its answers into minibatches and microbatches over the training layout's."""
+    config, ppo, replicas = ctx.config, ctx.config.ppo, ctx.mesh.shape["data"] * ctx.mesh.shape["fsdp"]
+    generation_replicas = ctx.mesh.devices.size // config.generation.tensor_parallel
+    prompts = ppo.prompts_per_iteration + ppo.oversample_prompts
+    if prompts % generation_replicas:
+        raise ValueError(
+            f"ppo.prompts_per_iteration={ppo.prompts_per_iteration} (+ oversample_prompts={ppo.oversample_prompts}) "
+            f"prompts do not divide over the {generation_replicas} generation replicas (devices / "
+            f"generation.tensor_parallel={config.generation.tensor_parallel})"
+        )
+    answers = ppo.prompts_per_iteration * ppo.samples_per_prompt
+    minibatch = answers // ppo.num_minibatches
+    if minibatch % ppo.grad_accum_steps or (minibatch // ppo.grad_accum_steps) % replicas:
+        raise ValueError(
+            f"ppo: {answers} answers (prompts_per_iteration x samples_per_prompt) / num_minibatches="
+            f"{ppo.num_minibatches} / grad_accum_steps={ppo.grad_accum_steps} does not give whole "
+            f"microbatches that divide over {where}"
+        )
 
 
 def model_lengths(ctx: RunContext) -> list[tuple[str, str, str | None, int]]:
@@ -92,8 +109,12 @@ def model_lengths(ctx: RunContext) -> list[tuple[str, str, str | None, int]]:
     if "ppo" in config.steps:
         length = config.ppo.max_prompt_seq_len + config.ppo.max_answer_seq_len
         key = "ppo.max_prompt_seq_len + max_answer_seq_len"
-        rows += [(key, config.ppo.actor_model.path, "sft", length), (key, config.ppo.critic_model.path, "rm", length)]
-        if config.ppo.reward_model.path != PREVIOUS_STAGE:  # "" is the critic's path
+        rows.append((key, config.ppo.actor_model.path, "sft", length))
+        needs_critic = ALGORITHMS[config.ppo.algorithm].needs_critic
+        uses_model = RewardMix.from_config(config.ppo.reward, config.ppo.reward_weights).uses_model
+        if needs_critic or uses_model:
+            rows.append((key, config.ppo.critic_model.path, "rm", length))
+        if uses_model and config.ppo.reward_model.path != PREVIOUS_STAGE:  # "" is the critic's path
             rows.append((key, config.ppo.reward_model.path, "rm", length))
     return rows
 

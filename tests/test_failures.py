@@ -224,9 +224,16 @@ def test_batches_the_data_parallel_devices_cannot_split_are_refused_up_front():
     mesh = make_mesh(fsdp=8, devices=jax.devices()[:8])
     with pytest.raises(ValueError, match=r"sft.batch_size=12 / grad_accum_steps=1 = 12 rows .* 8 data-parallel"):
         check_batch_sizes(RunContext(load_config(["sft.batch_size=12"]), mesh, None))
-    with pytest.raises(ValueError, match=r"ppo.prompts_per_iteration=64 / num_minibatches=4 / grad_accum_steps=4"):
+    with pytest.raises(ValueError, match=r"ppo: 64 answers \(prompts_per_iteration x samples_per_prompt\) / num_min"):
         check_batch_sizes(RunContext(load_config(["ppo.grad_accum_steps=4"]), mesh, None))
     check_batch_sizes(RunContext(load_config([]), mesh, None))  # the defaults fit 8 devices
+    # rollouts split over devices / generation.tensor_parallel: 12 prompts over 4 generation replicas
+    # fit; over 8 (tensor-parallel 1) they do not, which used to surface as a raw sharding error in step 3
+    tp2 = ["ppo.prompts_per_iteration=12", "ppo.num_minibatches=3", "generation.tensor_parallel=2"]
+    with pytest.raises(ValueError, match=r"prompts_per_iteration=12 .* do not divide over the 8 generation replicas"):
+        check_batch_sizes(RunContext(load_config(tp2[:2]), mesh, None))
+    with pytest.raises(ValueError, match=r"36 answers .* num_minibatches=3 / grad_accum_steps=1 .* 8 data-parallel"):
+        check_batch_sizes(RunContext(load_config([*tp2, "ppo.samples_per_prompt=3"]), mesh, None))
 
 
 def test_a_ppo_iteration_that_keeps_no_answer_stops_the_run():
