@@ -117,11 +117,28 @@ def without_sample(evaluation: dict) -> dict:
 
 
 def append_to_curve(path: str, iteration: int, evaluation: dict) -> None:
-    """One line of the gold-against-proxy curve (process 0 writes; a resumed run may rewrite a point)."""
+    """One line of the gold-against-proxy curve (process 0 writes)."""
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "a") as lines:
             lines.write(json.dumps({"iteration": iteration, **without_sample(evaluation)}) + "\n")
+
+
+def rewind_curve(path: str, iteration: int) -> None:
+    """Drops the curve's points after `iteration` (a resumed run evaluates them again)."""
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    kept = []
+    for line in open(path):
+        try:
+            if json.loads(line)["iteration"] <= iteration:
+                kept.append(line)
+        except ValueError:  # a line cut short by the kill
+            continue
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as out:
+        out.writelines(kept)
+    os.replace(temporary, path)
 
 
 def plot_curve(path: str, png: str) -> None:
@@ -130,7 +147,7 @@ def plot_curve(path: str, png: str) -> None:
     points: dict[int, dict] = {}
     for line in open(path):
         point = json.loads(line)
-        points[point["iteration"]] = point  # a resumed run's repeated point: the last one
+        points[point["iteration"]] = point
     iterations = sorted(points)
     curves = [("reward_score", "training reward (proxy)"), ("gold", "gold reward")]
     curves = [(key, label) for key, label in curves if all(points[i].get(key) is not None for i in iterations)]

@@ -55,9 +55,11 @@ def count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def training_flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: int) -> float:
-    """6N for the matmuls plus attention's 12 * layers * hidden * seq (forward + backward)."""
-    return 6.0 * num_params + 12.0 * num_layers * hidden * seq_len
+def training_flops_per_token(trainable: int, frozen: int, num_layers: int, hidden: int, seq_len: int) -> float:
+    """The matmuls' FLOPs per token, forward + backward: 6 per trainable weight (2 forward, 2 for the
+    activations' gradient, 2 for its own), 4 per frozen weight (no gradient of its own: LoRA's
+    base), plus attention's 12 * layers * hidden * seq."""
+    return 6.0 * trainable + 4.0 * frozen + 12.0 * num_layers * hidden * seq_len
 
 
 def throughput(tokens: float, seconds: float, flops_per_token: float) -> dict[str, float]:
@@ -98,6 +100,22 @@ class MetricsLogger:
             for name, value in finite.items():
                 if value is not None:
                     self._tensorboard.add_scalar(f"{prefix}/{name}", value, step)
+
+    def rewind(self, after: Mapping[str, int]) -> None:
+        """Drops from metrics.jsonl the records of each prefix in `after` logged after its step (and a
+        line cut short by a kill): a step resumed from its checkpoint at that step logs them again, so
+        each step keeps one record. The file is replaced atomically."""
+        if not self.is_writer:
+            return
+        path = self.output_dir / "metrics.jsonl"
+        self._jsonl.close()
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.endswith("\n") and not _logged_after(line, after)]
+        if len(kept) < len(lines):
+            temporary = path.with_suffix(".jsonl.tmp")
+            temporary.write_text("".join(kept))
+            os.replace(temporary, path)
+        self._jsonl = open(path, "a")
 
     def close(self) -> None:
         if self._jsonl is not None:
@@ -205,6 +223,15 @@ def close_progress_bars() -> None:
     """Ends every open progress bar's line, so that what is printed next starts a line of its own."""
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
+
+
+def _logged_after(line: str, after: Mapping[str, int]) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    prefix = record.get("prefix") if isinstance(record, dict) else None
+    return prefix in after and isinstance(record.get("step"), int) and record["step"] > after[prefix]
 
 
 def _as_float(name: str, value: object) -> float:

@@ -1,10 +1,14 @@
 """Checks before any work: each refuses, in one line naming the key or file, an input that would
 fail late, train on nothing, or quietly continue a different run.
 
-- a resume from checkpoints made with other settings (unless resume=force);
-- batch sizes the data-parallel devices or the gradient accumulation do not divide;
+- a resume from checkpoints made with other settings or other data (unless resume=force);
+- batch sizes the data-parallel devices or the gradient accumulation do not divide, and eval sets
+  smaller than the data-parallel devices;
 - every step's data: read and split up front, so a bad file stops the run before a model loads;
-- sequences longer than a learned-position model's table (OPT), which would train on NaN.
+- an empty model path (the earlier step's export) when that step is not in the run and has no export;
+- sequences longer than a learned-position model's table (OPT), which would train on NaN;
+- input models with integer or quantized tensors (from the safetensors headers), or a tokenizer
+  with more ids than the embedding table (NaN from the first evaluation).
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ from __future__ import annotations
 import os
 
 from jaxrlhf.config import PREVIOUS_STAGE, changed_settings
+from jaxrlhf.data.fingerprint import FINGERPRINT_FILE, changed_files, read_fingerprint
 from jaxrlhf.models import DecoderConfig, read_hf_config
+from jaxrlhf.models.hf_io import check_model_dir
 from jaxrlhf.rl.algorithms import ALGORITHMS
 from jaxrlhf.rl.rewards import RewardMix
-from jaxrlhf.run_context import RunContext
+from jaxrlhf.run_context import RunContext, previous_export
 
 
 def preflight(ctx: RunContext) -> None:
@@ -27,15 +33,31 @@ def preflight(ctx: RunContext) -> None:
             raise ValueError(
                 f"{step}: no training records in its data slice (data.data_split={ctx.config.data.data_split})"
             )
-    for key, path, previous, length in model_lengths(ctx):
-        if path == PREVIOUS_STAGE and previous in ctx.config.steps:
+        check_eval_size(ctx, step, len(data.eval))
+    checked = set()
+    for path_key, key, path, previous, length in model_lengths(ctx):
+        if path == PREVIOUS_STAGE and previous_export(ctx.config, previous, path_key) is None:
             continue  # this run makes that model: checked when the step starts
-        check_sequence_fits(ctx.model_path(path, previous), length, key)
+        model_path = ctx.model_path(path, previous)
+        check_sequence_fits(model_path, length, key)
+        resize = model_section(ctx.config, path_key).resize_embeddings
+        if (model_path, resize) not in checked:  # the weights' finiteness is checked as they load
+            check_model_dir(model_path, resize)
+            checked.add((model_path, resize))
+
+
+def model_section(config, path_key: str):
+    """The ModelConfig a model path key belongs to: "ppo.actor_model.path" -> config.ppo.actor_model."""
+    section = config
+    for name in path_key.split(".")[:-1]:
+        section = getattr(section, name)
+    return section
 
 
 def check_resumable(ctx: RunContext) -> None:
     """A step that would resume from checkpoints made with other settings (a changed learning
-    rate, data, LoRA rank...) is refused, naming the keys, unless resume=force."""
+    rate, data, LoRA rank...) is refused, naming the keys, unless resume=force; so is one whose
+    data files now hold other records (see `check_data_unchanged`)."""
     config = ctx.config
     if config.resume == "never":
         return
@@ -47,15 +69,38 @@ def check_resumable(ctx: RunContext) -> None:
             continue
         with open(saved) as f:
             changes = changed_settings(f.read(), config, step)
-        if not changes:
-            continue
-        message = f"{step} would resume from {directory}, made with other settings: {'; '.join(changes)}"
-        if config.resume != "force":
-            raise ValueError(
-                f"{message}. Use resume=force to continue anyway, resume=never to start {step} "
-                "over, or another output_dir"
-            )
-        print(f"warning: {message} (resume=force)", flush=True)
+        if changes:
+            message = f"{step} would resume from {directory}, made with other settings: {'; '.join(changes)}"
+            refuse_unless_forced(ctx, step, message)
+        check_data_unchanged(ctx, step, directory)
+
+
+def check_data_unchanged(ctx: RunContext, step: str, directory: str) -> None:
+    """The records a resumed step reads must be those it started with: other records (a data file
+    rewritten at the same path) are refused unless resume=force; a file touched or rewritten with
+    the same content is only a warning. Checkpoints from before fingerprints resume unchecked."""
+    saved = read_fingerprint(directory)
+    if saved is None:
+        print(f"note: {step}: {directory} has no {FINGERPRINT_FILE} (older checkpoints): data not checked", flush=True)
+        return
+    current = ctx.data_fingerprint(step)
+    files = changed_files(saved, current)
+    if saved["records_sha256"] == current["records_sha256"]:
+        if files:
+            print(f"warning: {step}: data files changed, the records it reads did not: {'; '.join(files)}", flush=True)
+        return
+    where = f"{'; '.join(files)}; " if files else ""
+    refuse_unless_forced(
+        ctx, step, f"{step} would resume from {directory}, but its data changed: {where}the records it reads differ"
+    )
+
+
+def refuse_unless_forced(ctx: RunContext, step: str, message: str) -> None:
+    if ctx.config.resume != "force":
+        raise ValueError(
+            f"{message}. Use resume=force to continue anyway, resume=never to start {step} over, or another output_dir"
+        )
+    print(f"warning: {message} (resume=force)", flush=True)
 
 
 def check_batch_sizes(ctx: RunContext) -> None:
@@ -73,6 +118,18 @@ def check_batch_sizes(ctx: RunContext) -> None:
                 )
     if "ppo" in config.steps:
         check_rollout_sizes(ctx, where)
+
+
+def check_eval_size(ctx: RunContext, step: str, rows: int) -> None:
+    """A supervised step's eval batches (cut to what the eval set holds, any size: DPO's reference
+    runs on them in one piece) need a row for each data-parallel device."""
+    replicas = ctx.mesh.shape["data"] * ctx.mesh.shape["fsdp"]
+    if step in ("sft", "rm", "dpo") and rows < replicas:
+        data = ctx.config.data
+        raise ValueError(
+            f"{step}: {rows} eval records (data.eval_fraction={data.eval_fraction}, data.eval_sources: "
+            f"{len(data.eval_sources)}) are fewer than the {replicas} data-parallel devices (mesh data x fsdp)"
+        )
 
 
 def check_rollout_sizes(ctx: RunContext, where: str) -> None:
@@ -97,25 +154,25 @@ def check_rollout_sizes(ctx: RunContext, where: str) -> None:
         )
 
 
-def model_lengths(ctx: RunContext) -> list[tuple[str, str, str | None, int]]:
-    """(config key, model path, step it may come from, longest sequence) for every model of the run."""
+def model_lengths(ctx: RunContext) -> list[tuple[str, str, str, str | None, int]]:
+    """(path key, length key, model path, step it may come from, longest sequence) for every model
+    of the run."""
     config, rows = ctx.config, []
-    if "sft" in config.steps:
-        rows.append(("sft.max_seq_len", config.sft.model.path, None, config.sft.max_seq_len))
-    if "rm" in config.steps:
-        rows.append(("rm.max_seq_len", config.rm.model.path, "sft", config.rm.max_seq_len))
-    if "dpo" in config.steps:
-        rows.append(("dpo.max_seq_len", config.dpo.model.path, "sft", config.dpo.max_seq_len))
+    for step in ("sft", "rm", "dpo"):
+        if step in config.steps:
+            stage = getattr(config, step)
+            previous = None if step == "sft" else "sft"
+            rows.append((f"{step}.model.path", f"{step}.max_seq_len", stage.model.path, previous, stage.max_seq_len))
     if "ppo" in config.steps:
         length = config.ppo.max_prompt_seq_len + config.ppo.max_answer_seq_len
         key = "ppo.max_prompt_seq_len + max_answer_seq_len"
-        rows.append((key, config.ppo.actor_model.path, "sft", length))
+        rows.append(("ppo.actor_model.path", key, config.ppo.actor_model.path, "sft", length))
         needs_critic = ALGORITHMS[config.ppo.algorithm].needs_critic
         uses_model = RewardMix.from_config(config.ppo.reward, config.ppo.reward_weights).uses_model
         if needs_critic or uses_model:
-            rows.append((key, config.ppo.critic_model.path, "rm", length))
+            rows.append(("ppo.critic_model.path", key, config.ppo.critic_model.path, "rm", length))
         if uses_model and config.ppo.reward_model.path != PREVIOUS_STAGE:  # "" is the critic's path
-            rows.append((key, config.ppo.reward_model.path, "rm", length))
+            rows.append(("ppo.reward_model.path", key, config.ppo.reward_model.path, "rm", length))
     return rows
 
 

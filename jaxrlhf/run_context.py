@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import time
 
 import jax
 import numpy as np
@@ -12,8 +13,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxrlhf.checkpoint import Checkpointer
-from jaxrlhf.config import RunConfig, save_resolved_config
+from jaxrlhf.config import PREVIOUS_STAGE, RunConfig, save_resolved_config
 from jaxrlhf.data.builtin import BUILTIN
+from jaxrlhf.data.fingerprint import FINGERPRINT_FILE, data_fingerprint, write_fingerprint
 from jaxrlhf.data.split import step_records
 from jaxrlhf.metrics import MetricsLogger
 from jaxrlhf.models import CausalLM, ValueModel, load_pretrained
@@ -31,12 +33,29 @@ from jaxrlhf.parallel.rules import (
 )
 
 
+def previous_export(config: RunConfig, previous_step: str, key: str) -> str | None:
+    """What an empty model path at `key` starts from: None when this run makes it (the step is in
+    `steps`), else that step's export in the output directory; refused when there is none (an
+    empty path never quietly becomes the built-in model)."""
+    if previous_step in config.steps:
+        return None
+    exported = os.path.join(config.output_dir, previous_step, "model")
+    if os.path.exists(os.path.join(exported, "config.json")):
+        return exported
+    raise ValueError(
+        f"{key} is empty (the {previous_step} step's output) but {config.output_dir} has no {previous_step} "
+        f"export and {previous_step} is not in steps; give a model directory or '{BUILTIN}'"
+    )
+
+
 @dataclasses.dataclass
 class RunContext:
     config: RunConfig
     mesh: Mesh
     logger: MetricsLogger | None  # None until the run starts writing (after the preflight checks)
     _records: dict = dataclasses.field(default_factory=dict, repr=False)  # step -> its records, read once
+    # step -> its time.perf_counter() start, moved back by the seconds of attempts before a resume
+    _started: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def output_dir(self) -> str:
@@ -65,14 +84,13 @@ class RunContext:
 
     def model_path(self, path: str, previous_step: str | None) -> str:
         """A configured model path: a directory, "builtin", or "" for the previous step's export
-        in this output directory (the built-in model when there is none and the run skips it)."""
-        if path == "" and previous_step is not None:
+        in this output directory (never the built-in model: the preflight refuses a missing one)."""
+        if path == PREVIOUS_STAGE and previous_step is not None:
             exported = self.step_dir(previous_step, "model")
-            if os.path.exists(os.path.join(exported, "config.json")):
-                return exported
-            if previous_step in self.config.steps:
+            if not os.path.exists(os.path.join(exported, "config.json")):
                 raise FileNotFoundError(f"{exported}: step '{previous_step}' has no exported model")
-        if path in ("", BUILTIN):
+            return exported
+        if path == BUILTIN:
             return builtin_model_dir(self.cache_dir, seed=self.config.seed)
         return path
 
@@ -81,6 +99,22 @@ class RunContext:
         if step not in self._records:
             self._records[step] = self._read_step_data(step)
         return self._records[step]
+
+    def data_fingerprint(self, step: str) -> dict:
+        """The step's source files (size, modification time) and a hash of the records it reads."""
+        data = self.config.data
+        return data_fingerprint([*data.sources, *data.eval_sources], self.step_data(step))
+
+    def start_clock(self, step: str) -> None:
+        self._started[step] = time.perf_counter()
+
+    def add_earlier_seconds(self, step: str, seconds: float) -> None:
+        """A resumed step also counts the seconds its earlier attempts ran until their checkpoint."""
+        self._started[step] = self._started.get(step, time.perf_counter()) - seconds
+
+    def step_seconds(self, step: str) -> float:
+        """Seconds `step` has run, over every attempt (those before a resume until their checkpoint)."""
+        return time.perf_counter() - self._started.setdefault(step, time.perf_counter())
 
     def _read_step_data(self, step: str):
         data = self.config.data
@@ -97,7 +131,9 @@ class RunContext:
 
     def open_checkpoints(self, step: str) -> tuple[Checkpointer, int | None]:
         """The step's checkpointer and the step to resume from, under the run's resume policy:
-        "never" deletes the step's old checkpoints (this run starts over), "always" requires one."""
+        "never" deletes the step's old checkpoints (this run starts over), "always" requires one.
+        The settings and the data fingerprint the step starts with are kept beside the checkpoints;
+        the fingerprint is replaced only while no checkpoint depends on it."""
         directory = self.step_dir(step, "checkpoints")
         if self.config.resume == "never" and jax.process_index() == 0 and os.path.exists(directory):
             print(f"[{step}] resume=never: removing the old checkpoints in {directory}", flush=True)
@@ -112,13 +148,18 @@ class RunContext:
         latest = checkpointer.latest_step() if self.config.resume != "never" else None
         if self.config.resume == "always" and latest is None:
             raise FileNotFoundError(f"resume=always but {directory} has no checkpoint")
+        fingerprint_missing = not os.path.exists(os.path.join(directory, FINGERPRINT_FILE))
+        if jax.process_index() == 0 and (latest is None or fingerprint_missing):
+            write_fingerprint(directory, self.data_fingerprint(step))
         return checkpointer, latest
 
     def load_model(self, path: str, model_config, lora=None, value_head: bool = False, new_head: bool = False):
         """A HF directory loaded in the training layout (the run's mesh and rules) with the
         configured precision and remat, adapters added if `lora` has a rank; a value head (reward
         model, critic) instead of the LM head if asked. A value model without a trained head is
-        refused, unless `new_head` (the reward-model step trains one) or the model config allows it."""
+        refused, unless `new_head` (the reward-model step trains one) or the model config allows it.
+        Integer or quantized weights, a NaN or inf, or more tokenizer ids than embedding rows
+        (unless the config resizes the table) are refused, naming the directory."""
         untrained_head = "zeros" if new_head else "warn" if model_config.allow_untrained_head else "refuse"
         model = load_pretrained(
             path,
@@ -130,6 +171,7 @@ class RunContext:
             attention=model_config.attention,
             model_cls=ValueModel if value_head else CausalLM,
             untrained_head=untrained_head,
+            resize_embeddings=model_config.resize_embeddings,
         )
         if lora is not None:
             self.add_lora(model, lora)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 from jaxrlhf.config import config_yaml, main_config_or_exit, save_resolved_config
 
@@ -23,6 +22,7 @@ def run(config) -> dict[str, float]:
     from jaxrlhf.parallel import make_mesh, maybe_initialize_distributed
     from jaxrlhf.preflight import preflight
     from jaxrlhf.run_context import RunContext
+    from jaxrlhf.run_lock import hold_run_lock
     from jaxrlhf.steps.reward_model import run_reward_model
     from jaxrlhf.steps.sft import run_sft
 
@@ -37,37 +37,38 @@ def run(config) -> dict[str, float]:
     config = planned(config)  # remat: auto and gradient accumulation resolved; refused if it cannot fit
     ctx = RunContext(config, mesh, logger=None)
     preflight(ctx)  # before anything is written
-    os.makedirs(config.output_dir, exist_ok=True)
-    if jax.process_index() == 0:
-        save_resolved_config(config, config.output_dir)
-    runners = {"sft": run_sft, "rm": run_reward_model}
-    if "dpo" in config.steps:
-        from jaxrlhf.steps.dpo import run_dpo
+    with hold_run_lock(config.output_dir):  # one run per output_dir: a second stops here (RunLocked, exit 2)
+        os.makedirs(config.output_dir, exist_ok=True)
+        if jax.process_index() == 0:
+            save_resolved_config(config, config.output_dir)
+        runners = {"sft": run_sft, "rm": run_reward_model}
+        if "dpo" in config.steps:
+            from jaxrlhf.steps.dpo import run_dpo
 
-        runners["dpo"] = lambda ctx: run_dpo(ctx, task_hooks(config).gold_reward)
-    if "ppo" in config.steps:
-        from jaxrlhf.rl.ppo import run_ppo
+            runners["dpo"] = lambda ctx: run_dpo(ctx, task_hooks(config).gold_reward)
+        if "ppo" in config.steps:
+            from jaxrlhf.rl.ppo import run_ppo
 
-        runners["ppo"] = lambda ctx: run_ppo(ctx, task_hooks(config))
-    logger = ctx.logger = MetricsLogger(config.output_dir, tensorboard=config.tensorboard)
-    print(
-        f"jaxrlhf: steps {', '.join(config.steps)} on {mesh.devices.size} device(s) "
-        f"(mesh {dict(mesh.shape)}), output in {config.output_dir}",
-        flush=True,
-    )
-    summary: dict[str, float] = {}
-    try:
-        for step in config.steps:
-            started = time.perf_counter()
-            with ctx.activation_sharding():
-                values = runners[step](ctx)
-            values[f"{step}.seconds"] = time.perf_counter() - started
-            summary.update(values)
-            update_summary(config.output_dir, values)
-    finally:
-        logger.close()
-    print(format_summary_table(summary), flush=True)
-    return summary
+            runners["ppo"] = lambda ctx: run_ppo(ctx, task_hooks(config))
+        logger = ctx.logger = MetricsLogger(config.output_dir, tensorboard=config.tensorboard)
+        print(
+            f"jaxrlhf: steps {', '.join(config.steps)} on {mesh.devices.size} device(s) "
+            f"(mesh {dict(mesh.shape)}), output in {config.output_dir}",
+            flush=True,
+        )
+        summary: dict[str, float] = {}
+        try:
+            for step in config.steps:
+                ctx.start_clock(step)
+                with ctx.activation_sharding():
+                    values = runners[step](ctx)
+                values[f"{step}.seconds"] = ctx.step_seconds(step)  # with the attempts before a resume
+                summary.update(values)
+                update_summary(config.output_dir, values)
+        finally:
+            logger.close()
+        print(format_summary_table(summary), flush=True)
+        return summary
 
 
 def planned(config):

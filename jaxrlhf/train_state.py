@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -101,6 +102,44 @@ def check_bad_steps(metrics: dict, max_bad_steps: int, where: str, last_checkpoi
                 f"skipped; stopping (max_bad_steps={max_bad_steps}). Lower the learning rate or check the data; "
                 f"the last good checkpoint is {last_checkpoint}"
             )
+
+
+def finite_numbers(metrics: dict) -> bool:
+    """Every number among `metrics` is finite (None and text are not numbers)."""
+    return all(math.isfinite(value) for value in metrics.values() if isinstance(value, (int, float)))
+
+
+def tree_is_finite(tree) -> bool:
+    return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact))
+
+
+def check_trained(
+    step: str, state: TrainState, model_key: str, first_eval: dict, last_eval: dict | None = None, lr: float = 0.0
+) -> None:
+    """Raises TrainingDiverged (exit 3, before any export) for a step that took no good optimizer
+    step: its first evaluation not finite, every update skipped as non-finite, or (given the last
+    evaluation) training that made it non-finite. Names the first cause in view: the input model
+    (non-finite weights, seen while no update was applied), the data batches, the learning rate."""
+    updates, bad = (int(x) for x in jax.device_get((state.step, state.opt_state.total_notfinite)))
+    untouched = updates == bad  # no update applied: the weights are still the input model's
+    if not finite_numbers(first_eval):
+        problem = "the first evaluation is not finite"
+    elif updates and untouched:
+        problem = f"all {updates} optimizer steps were skipped (non-finite loss or gradient)"
+    elif last_eval is not None and not finite_numbers(last_eval):
+        problem = f"the last evaluation is not finite ({bad} of {updates} optimizer steps skipped)"
+    else:
+        return
+    if untouched and not tree_is_finite((state.params, state.frozen)):
+        cause = f"the input model ({model_key}) has non-finite weights"
+    elif untouched or not finite_numbers(first_eval):
+        cause = (
+            f"the data batches give a non-finite loss or gradient on the input model ({model_key}), whose weights "
+            "are finite; check the data and the model's scale"
+        )
+    else:
+        cause = f"training made the evaluation non-finite; lower the learning rate ({lr})"
+    raise TrainingDiverged(f"[{step}] {problem}: {cause}; nothing exported")
 
 
 @jax.tree_util.register_dataclass

@@ -133,7 +133,7 @@ def main(argv=None):
         "loss_mask": np.ones((args.batch, args.seq), np.int32),
     }
     tokens = args.batch * args.seq
-    flops = training_flops_per_token(n_params, args.layers, args.hidden, args.seq) * tokens
+    flops = training_flops_per_token(n_params, 0, args.layers, args.hidden, args.seq) * tokens
     with tempfile.TemporaryDirectory() as path:
         reference.save_pretrained(path)
         del reference

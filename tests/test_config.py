@@ -165,3 +165,8 @@ def test_saved_config_loads_back_identical_and_fingerprint_tracks_changes(tmp_pa
     changed = dataclasses.replace(config, sft=dataclasses.replace(config.sft, max_steps=7, eval_every=3))
     assert changed_settings(path.read_text(), changed, "sft") == ["sft.max_steps: 400 -> 7"]  # eval_every: no effect
     assert changed_settings(path.read_text(), changed, "rm") == []
+    # a config saved by an older version lacks later keys: their defaults are no change, other values are
+    older = "\n".join(line for line in path.read_text().splitlines() if "samples_per_prompt" not in line)
+    assert changed_settings(older, config, "ppo") == []
+    more = dataclasses.replace(config, ppo=dataclasses.replace(config.ppo, samples_per_prompt=2))
+    assert changed_settings(older, more, "ppo") == ["ppo.samples_per_prompt: 1 -> 2"]

@@ -102,12 +102,12 @@ def run_dpo_steps(path, mesh=None, steps=3):
     reference = jax.tree.map(jnp.copy, (params, frozen))
     state = init_train_state(params, frozen, optimizer)
     step = make_train_step(graphdef, make_dpo_loss(stage), optimizer, 1, shardings_of(state))
-    run_reference = reference_logprobs(average=False, microbatches=2)(graphdef)
-    whole = reference_logprobs(average=False, microbatches=1)(graphdef)
+    run_reference = reference_logprobs(average=False)(graphdef)
     batch = dpo_batch()
     if mesh is not None:
         batch = jax.device_put(batch, batch_sharding(mesh))
-    in_parts, at_once = run_reference(*reference, batch), whole(*reference, batch)
+    in_parts = run_reference(*reference, batch, microbatches=2)
+    at_once = run_reference(*reference, batch, microbatches=1)
     for name in in_parts:
         np.testing.assert_allclose(in_parts[name], at_once[name], rtol=1e-6)
     batch = {**batch, **in_parts}

@@ -132,7 +132,7 @@ def test_data_errors_stop_the_run_before_any_model_loads(tmp_path, cache):
 
 
 def test_a_causal_lm_is_refused_as_critic_or_reward_model(tmp_path, cache):
-    result = train(tmp_path, cache, "steps=[ppo]", "ppo.critic_model.path=builtin")
+    result = train(tmp_path, cache, "steps=[ppo]", "ppo.actor_model.path=builtin", "ppo.critic_model.path=builtin")
     assert result.returncode == 2
     assert "no trained score head" in one_error_line(result)
 
@@ -157,6 +157,7 @@ def test_rw_eval_refuses_a_causal_lm_unless_allowed(tmp_path):
         ("ppo.max_answer_seq_len=1", "ppo.max_answer_seq_len: is 1, but answers of one token or less are dropped"),
         ("max_bad_steps=0", "max_bad_steps: must be >= 1"),
         ("distributed.heartbeat_timeout_s=0", "distributed.heartbeat_timeout_s: must be >= 1"),
+        ("dpo.optimizer.learning_rate=0", "dpo.optimizer.learning_rate: must be > 0 (0 would train nothing), got 0"),
     ],
 )
 def test_settings_that_would_train_on_nothing_are_config_errors(tmp_path, cache, override, message):
@@ -242,3 +243,106 @@ def test_a_ppo_iteration_that_keeps_no_answer_stops_the_run():
     require_kept_rows({"kept_fraction": 0.25}, 3)
     with pytest.raises(ValueError, match=r"iteration 3: every answer was dropped"):
         require_kept_rows({"kept_fraction": 0.0}, 3)
+
+
+def test_dpo_evaluates_an_eval_set_smaller_than_its_accumulated_batch(tmp_path, cache):
+    # 42 eval pairs, batch 64 in 8 microbatches: the eval batch (42) used to be split into 8 for the reference
+    result = train(
+        tmp_path,
+        cache,
+        "steps=[dpo]",
+        "dpo.model.path=builtin",
+        "data.builtin_size=2100",
+        "dpo.batch_size=64",
+        "dpo.grad_accum_steps=8",
+        "dpo.max_steps=1",
+        "dpo.eval_every=0",
+        "dpo.eval_batches=1",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "42 eval records" in result.stdout and (tmp_path / "dpo" / "model" / "config.json").exists()
+
+
+def test_an_eval_set_smaller_than_the_data_parallel_devices_is_refused_up_front(tmp_path):
+    import jax
+
+    from jaxrlhf.config import load_config
+    from jaxrlhf.parallel import make_mesh
+    from jaxrlhf.preflight import check_eval_size
+    from jaxrlhf.run_context import RunContext
+
+    ctx = RunContext(load_config([f"output_dir={tmp_path}"]), make_mesh(fsdp=8, devices=jax.devices()[:8]), None)
+    check_eval_size(ctx, "dpo", 8)
+    check_eval_size(ctx, "ppo", 0)  # step 3 evaluates on its held-out prompts, checked on its own
+    with pytest.raises(ValueError, match=r"dpo: 7 eval records \(data.eval_fraction=0.05.* 8 data-parallel devices"):
+        check_eval_size(ctx, "dpo", 7)
+
+
+def test_an_empty_model_path_without_the_earlier_steps_export_is_refused_not_random(tmp_path, cache):
+    out = tmp_path / "run"
+    result = train(out, cache, "steps=[ppo]")  # no sft, no rm, no export of either
+    assert result.returncode == 2
+    assert one_error_line(result) == (
+        f"error: ppo.actor_model.path is empty (the sft step's output) but {out} has no sft export and sft is "
+        "not in steps; give a model directory or 'builtin'"
+    )
+    assert not out.exists()
+    import jax
+
+    from jaxrlhf.config import load_config
+    from jaxrlhf.parallel import make_mesh
+    from jaxrlhf.preflight import preflight
+    from jaxrlhf.run_context import RunContext
+
+    config = load_config(["steps=[rm]", f"output_dir={out}", f"data.cache_dir={cache}"])
+    with pytest.raises(ValueError, match=r"^rm.model.path is empty \(the sft step's output\) but .* 'builtin'$"):
+        preflight(RunContext(config, make_mesh(devices=jax.devices()[:1]), None))
+
+
+def test_a_step_without_a_good_optimizer_step_fails_naming_the_first_cause():
+    import jax.numpy as jnp
+
+    from jaxrlhf.config import OptimizerConfig
+    from jaxrlhf.train_state import TrainingDiverged, check_trained, init_train_state, make_optimizer
+
+    optimizer, nan = make_optimizer(OptimizerConfig(), 10), float("nan")
+
+    def after(gradients, weight=1.0):  # a train state after updates with these gradients (NaN: skipped)
+        state = init_train_state({"w": jnp.full(2, weight)}, {}, optimizer)
+        for gradient in gradients:
+            state = state.apply_gradients({"w": jnp.full(2, gradient)}, optimizer)
+        return state
+
+    finite, not_finite = {"loss": 1.0, "sample": "text"}, {"loss": nan}
+    check_trained("sft", after([]), "sft.model.path", finite)  # before training
+    check_trained("sft", after([1.0, nan]), "sft.model.path", finite, finite)  # one good step of two
+    cases = [
+        (after([], nan), not_finite, None, r"the first evaluation is not finite: the input model \(sft.model.path\)"),
+        (after([]), not_finite, None, "the first evaluation is not finite: the data batches"),
+        (after([nan, nan]), finite, finite, "all 2 optimizer steps were skipped .*: the data batches"),
+        (after([1.0, nan]), finite, not_finite, r"the last evaluation .* \(1 of 2 .* the learning rate \(0.001\)"),
+    ]
+    for state, first, last, message in cases:
+        with pytest.raises(TrainingDiverged, match=rf"^\[sft\] {message}.*; nothing exported$"):
+            check_trained("sft", state, "sft.model.path", first, last, 0.001)
+
+
+def test_an_sft_step_whose_every_update_was_skipped_exits_3_and_exports_nothing(tmp_path, cache):
+    from safetensors.numpy import load_file, save_file
+
+    from jaxrlhf.models.builtin import builtin_model_dir
+
+    model_dir = str(tmp_path / "nan-model")
+    shutil.copytree(builtin_model_dir(str(cache), seed=0), model_dir)
+    weights = os.path.join(model_dir, "model.safetensors")
+    tensors = load_file(weights)
+    name = next(name for name in tensors if "embed_tokens" in name)
+    tensors[name] *= 1e36  # finite weights (NaN ones are refused at load), a finite loss, infinite gradients
+    save_file(tensors, weights, metadata={"format": "pt"})
+    out = tmp_path / "run"
+    result = train(out, cache, "steps=[sft]", f"sft.model.path={model_dir}", "sft.max_steps=2")  # < max_bad_steps
+    assert result.returncode == 3
+    line = one_error_line(result)
+    assert "[sft] all 2 optimizer steps were skipped (non-finite loss or gradient): the data batches give" in line
+    assert "(sft.model.path), whose weights are finite" in line and line.endswith("; nothing exported")
+    assert not list(out.rglob("*.safetensors"))

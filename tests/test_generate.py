@@ -165,3 +165,36 @@ def test_pallas_decode_attention_gives_the_same_tokens(tmp_path):
     for window in (None, 5):
         np.testing.assert_array_equal(tokens("pallas", window), tokens("reference", window))
     assert (tokens("reference", 5) != tokens("reference", None)).any(), "the window must change the answers"
+
+
+def test_generation_follows_the_activation_layout_it_is_called_with(model_dirs):
+    """The activation layout is a static argument of the jitted generate: the same inputs under
+    another (mesh, rules) trace anew with that layout's constraints, and a surrounding context
+    read at trace time no longer leaks into (or is frozen in) the cached trace."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxrlhf.parallel import GENERATION_RULES, activation_sharding
+
+    devices = jax.devices()[:4]
+    fsdp, tensor = make_mesh(fsdp=4, devices=devices), make_mesh(tensor=4, devices=devices)
+    graphdef, state = nnx.split(to_generation_layout(load_pretrained(model_dirs["llama_gqa_llama3"])))
+    state, ids, mask = jax.device_put((state, *prompts()), NamedSharding(fsdp, PartitionSpec()))
+    settings = SamplingSettings(eos_id=EOS, pad_id=PAD, max_new_tokens=NEW, greedy=True)
+
+    def run(activations, lower=False):
+        call = generate_from_state.lower if lower else generate_from_state
+        return call(graphdef, state, ids, mask, jax.random.key(0), settings, None, 1, activations)
+
+    def pinned(activations):  # the activation constraints of the traced program (not the sampler's own)
+        text = run(activations, lower=True).as_text()
+        return [line for line in text.splitlines() if "sharding_constraint" in line and "@empty_mesh" not in line]
+
+    with activation_sharding(fsdp, TRAINING_RULES):  # ignored: only the argument counts
+        assert not pinned(None)
+    assert pinned((fsdp, TRAINING_RULES))
+    assert '"tensor"=4' in run((tensor, GENERATION_RULES), lower=True).as_text()  # the inputs' mesh has tensor=1
+    first = run((fsdp, TRAINING_RULES))
+    with CompileCounter() as counter:
+        second = run((tensor, GENERATION_RULES))
+    assert counter.count == 1  # traced and compiled for the second layout, not the first one's trace
+    np.testing.assert_array_equal(np.asarray(second.tokens), np.asarray(first.tokens))

@@ -68,3 +68,22 @@ def test_lora_trains_a_value_models_head(model_dir):
     names = {".".join(path) for path, _ in nnx.to_flat_state(trainable)}
     assert "value_head.kernel" in names and "decoder.layers.attn.q_proj.lora_a" in names
     assert not any("value_head" in ".".join(path) for path, _ in nnx.to_flat_state(frozen))
+
+
+def test_flops_per_token_under_lora_count_the_frozen_base_at_4n(model_dir):
+    """The frozen base costs a forward (2N) and the activations' gradient (2N), no weight gradient;
+    the adapters 6 per parameter (TFLOP/s and MFU were overstated at 6N for all)."""
+    from jaxrlhf.config import OptimizerConfig
+    from jaxrlhf.metrics import count_params
+    from jaxrlhf.steps.loop import step_flops_per_token
+    from jaxrlhf.train_state import init_train_state, make_optimizer, split_for_training
+
+    model = load_pretrained(model_dir)
+    base = count_params(nnx.state(model, nnx.Param))
+    apply_lora(model, rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"])
+    config = model.config
+    adapters = config.num_layers * 2 * 4 * (config.hidden_size + config.hidden_size)  # [in, r] + [r, out] each
+    _, trainable, frozen = split_for_training(model, lora_rank=4)
+    state = init_train_state(trainable, frozen, make_optimizer(OptimizerConfig(), 10))
+    attention = 12 * config.num_layers * config.hidden_size * 32
+    assert step_flops_per_token(state, config, 32) == 6 * adapters + 4 * base + attention

@@ -156,7 +156,8 @@ def test_a_critic_free_step_3_compiles_from_shapes(tmp_path):
     simulated devices: the generate program with its samples, the experience and the update
     without the critic, the reward model and the reference."""
     config = load_config(
-        ["steps=[ppo]", f"output_dir={tmp_path}", *GRPO, "ppo.prompts_per_iteration=8", "ppo.ppo_epochs=1"],
+        ["steps=[ppo]", f"output_dir={tmp_path}", *GRPO, "ppo.prompts_per_iteration=8", "ppo.ppo_epochs=1"]
+        + ["ppo.actor_model.path=builtin"],  # no SFT export to start from
         check_data_files=False,
     )
     devices = jax.devices()[:2]

@@ -21,6 +21,7 @@ from jaxrlhf.train import task_hooks
 
 TINY_PPO = [
     "steps=[ppo]",
+    "ppo.actor_model.path=builtin",
     "data.builtin_size=1000",
     "ppo.prompts_per_iteration=8",
     "ppo.num_minibatches=2",

@@ -117,6 +117,9 @@ def changed_settings(saved_yaml: str, config: RunConfig, step: str) -> list[str]
     config (the YAML written when the step started) and `config`."""
     old = step_settings(yaml.safe_load(saved_yaml) or {}, step)
     new = step_settings(yaml.safe_load(config_yaml(config)), step)
+    # a key the saved config predates had its default then (a setting added by a newer version)
+    defaults = step_settings(yaml.safe_load(config_yaml(RunConfig())), step)
+    old = {**{key: defaults[key] for key in new.keys() - old.keys() if key in defaults}, **old}
     return [
         f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         for key in sorted(old.keys() | new.keys())

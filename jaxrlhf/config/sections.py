@@ -3,6 +3,7 @@ optimizers, data and checkpoints."""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -91,6 +92,9 @@ class ModelConfig:
     # A critic may deliberately start from a causal LM (its score head then starts at zero, with a
     # warning); otherwise a value model without a trained head is refused.
     allow_untrained_head: bool = False
+    # A tokenizer with more ids than the embedding table is refused; true pads the table (and an
+    # untied LM head) up to the tokenizer with the mean row, as transformers' resize_token_embeddings.
+    resize_embeddings: bool = False
 
     def validate(self, key: str) -> None:
         require(
@@ -129,7 +133,9 @@ class OptimizerConfig:
     min_lr_ratio: float = 0.1
 
     def validate(self, key: str) -> None:
-        at_least(self, key, 0, "learning_rate", "weight_decay", "warmup_steps", "max_grad_norm")
+        at_least(self, key, 0, "weight_decay", "warmup_steps", "max_grad_norm")
+        lr = self.learning_rate
+        require(0 < lr < math.inf, f"{key}.learning_rate", f"must be > 0 (0 would train nothing), got {lr}")
         for name in ("b1", "b2", "min_lr_ratio"):
             value = getattr(self, name)
             require(0 <= value <= 1, f"{key}.{name}", f"must be in [0, 1], got {value}")

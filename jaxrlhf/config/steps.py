@@ -60,7 +60,7 @@ class SFTConfig(SupervisedStepConfig):
 class RMConfig(SupervisedStepConfig):
     """Step 2: a reward model trained on (chosen, rejected) pairs."""
 
-    # Model path "" = this run's SFT output (the built-in model when the run has no SFT step).
+    # Model path "" = the SFT output in output_dir (of this run, or an earlier one when steps has no sft).
     model: ModelConfig = field(default_factory=lambda: ModelConfig(path=PREVIOUS_STAGE))
     max_steps: int = 300
     loss: Literal["final_token", "deepspeed_chat"] = "final_token"  # score at the last token / over the divergent span
@@ -76,7 +76,7 @@ class DPOConfig(SupervisedStepConfig):
     """DPO, DeepSpeed-Chat's alternative to steps 2 and 3: the SFT policy trained directly on the
     reward model's preference pairs against its frozen self (the reference)."""
 
-    # Model path "" = this run's SFT output (the built-in model when the run has no SFT step).
+    # Model path "" = the SFT output in output_dir (of this run, or an earlier one when steps has no sft).
     model: ModelConfig = field(default_factory=lambda: ModelConfig(path=PREVIOUS_STAGE))
     # The defaults suit the built-in task; for billion-parameter models DPO's usual beta 0.1 and a
     # learning rate near 5e-7 are the place to start.

@@ -17,13 +17,14 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxrlhf.generation.kernels.decode_attention import choose_implementation
 from jaxrlhf.generation.kernels.flash_decoding import KERNEL_BLOCK_KV
 from jaxrlhf.generation.kv_cache import KVCache, decode_forward, prefill
 from jaxrlhf.generation.sampling import sample_tokens, suppress_eos
 from jaxrlhf.models.decoder import positions_from_mask
-from jaxrlhf.parallel.rules import constrain
+from jaxrlhf.parallel.rules import Rules, activation_sharding, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +176,9 @@ def generate(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "settings", "cache_sharding", "samples_per_prompt"))
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "settings", "cache_sharding", "samples_per_prompt", "activations")
+)
 def generate_from_state(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -185,7 +188,12 @@ def generate_from_state(
     settings: SamplingSettings,
     cache_sharding=None,
     samples_per_prompt: int = 1,
+    activations: tuple[Mesh, Rules] | None = None,
 ) -> Generation:
-    """`generate` as one jitted pure function of the model's split state (in the generation layout)."""
-    model = nnx.merge(graphdef, state)
-    return generate(model, prompt_ids, prompt_mask, key, settings, cache_sharding, samples_per_prompt)
+    """`generate` as one jitted pure function of the model's split state (in the generation layout).
+    `activations`, (mesh, rules) or None, is the activation sharding its trace pins: a static
+    argument, so a call under another layout traces anew (a context read at trace time would keep
+    the first call's layout in the cached trace)."""
+    with activation_sharding(*(activations or (None, ()))):
+        model = nnx.merge(graphdef, state)
+        return generate(model, prompt_ids, prompt_mask, key, settings, cache_sharding, samples_per_prompt)

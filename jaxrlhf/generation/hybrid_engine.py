@@ -22,7 +22,6 @@ from jaxrlhf.parallel.mesh import make_mesh
 from jaxrlhf.parallel.rules import (
     GENERATION_RULES,
     Rules,
-    activation_sharding,
     batch_sharding,
     logical_to_spec,
     state_shardings,
@@ -78,17 +77,17 @@ class HybridEngine:
         `samples_per_prompt` n gives prompts * n rows, prompt-major, each prompt prefilled once."""
         rows = batch_sharding(self.mesh, 2, self.rules)
         prompt_ids, prompt_mask = jax.device_put((prompt_ids, prompt_mask), rows)
-        with activation_sharding(self.mesh, self.rules):
-            return generate_from_state(
-                self.graphdef,
-                state,
-                prompt_ids,
-                prompt_mask,
-                key,
-                self.settings,
-                self.cache_sharding,
-                samples_per_prompt=samples_per_prompt,
-            )
+        return generate_from_state(
+            self.graphdef,
+            state,
+            prompt_ids,
+            prompt_mask,
+            key,
+            self.settings,
+            self.cache_sharding,
+            samples_per_prompt=samples_per_prompt,
+            activations=(self.mesh, self.rules),
+        )
 
     def generate(
         self, states: tuple, prompt_ids, prompt_mask, key, samples_per_prompt: int = 1

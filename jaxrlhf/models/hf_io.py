@@ -8,6 +8,7 @@ axis on the way in and split again on the way out.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -17,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from jaxrlhf.checkpoint import NonFiniteValues
+from jaxrlhf.models.checks import check_finite, pad_rows, vocab_rows
 from jaxrlhf.models.config import LLAMA_FAMILY, DecoderConfig
 from jaxrlhf.models.decoder import CausalLM, ValueModel
 from jaxrlhf.models.layers import LoraParam
@@ -132,17 +134,23 @@ def load_pretrained(
     model_cls=CausalLM,
     attention: str = "auto",
     untrained_head: str = "refuse",
+    resize_embeddings: bool = False,
 ):
     """Loads a Hugging Face directory into `model_cls` (CausalLM, or ValueModel for a reward model
     or critic), sharded over `mesh` by `rules` (on one device without a mesh). Raises a one-line
-    error naming a missing file, an unsupported model_type, or a missing or mis-shaped tensor,
-    before any tensor is placed. A value head the checkpoint lacks (a causal LM loaded as a value
+    error naming a missing file, an unsupported model_type, a missing, mis-shaped, integer or
+    quantized tensor, or a tokenizer with more ids than the embedding table (padded up instead
+    with `resize_embeddings`), before any tensor is placed; and one naming a tensor holding a
+    NaN or inf once placed. A value head the checkpoint lacks (a causal LM loaded as a value
     model) is refused, or starts at zero with `untrained_head` "zeros" (the reward-model step,
     which trains it) or "warn" (a critic deliberately started from a language model)."""
-    config = DecoderConfig.from_hf(
-        read_hf_config(path), dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention
-    )
+    hf, settings = read_hf_config(path), dict(dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
+    config = DecoderConfig.from_hf(hf, **settings)
     refs = index_checkpoint(path)
+    rows = vocab_rows(path, config.vocab_size, tokenizer_size(path), resize_embeddings)
+    if rows > config.vocab_size:
+        refs = _padded_vocab(refs, config.model_type, rows)
+        config = DecoderConfig.from_hf({**hf, "vocab_size": rows}, **settings)
     head = hf_tensor_name(("value_head", "kernel"), config.model_type)
     if model_cls is ValueModel and head not in refs:
         if untrained_head == "refuse":
@@ -158,7 +166,7 @@ def load_pretrained(
     plan = [(p, v) for p, v in nnx.to_flat_state(abstract) if not isinstance(v, LoraParam)]
     _check_tensors(plan, refs, config, path)
 
-    loaded = []
+    loaded, placed = [], []
     for param_path, variable in plan:
         if param_path in flat_shardings:
             sharding = flat_shardings[param_path].get_value()
@@ -169,8 +177,33 @@ def load_pretrained(
             array = jax.device_put(np.zeros(abstract_value.shape, abstract_value.dtype), sharding)
         else:
             array = _place(param_path, abstract_value, refs, config, sharding)
+            stacked = param_path[:2] == ("decoder", "layers")
+            placed.append(
+                (hf_tensor_name(param_path, config.model_type), array, config.num_layers if stacked else None)
+            )
         loaded.append((param_path, variable.replace(value=array)))
+    check_finite(path, placed)
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+
+
+@dataclasses.dataclass(frozen=True)
+class _InMemory:
+    """A tensor already in host memory (a padded vocabulary table), read like a TensorRef."""
+
+    value: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.value.shape
+
+    def array(self) -> np.ndarray:
+        return self.value
+
+
+def _padded_vocab(refs: dict, model_type: str, rows: int) -> dict:
+    """`refs` with the embedding table (and an untied LM head) padded to `rows` tokens."""
+    names = {hf_tensor_name(("decoder", "embed_tokens"), model_type), hf_tensor_name(("lm_head",), model_type)}
+    return {name: _InMemory(pad_rows(ref.array(), rows)) if name in names else ref for name, ref in refs.items()}
 
 
 def _check_tensors(plan, refs, config: DecoderConfig, path: str):
@@ -266,16 +299,35 @@ def save_pretrained(model, path: str, dtype: str | None = None, extra_config: di
     os.replace(tmp, os.path.join(path, "config.json"))
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, name)) for name in _TOKENIZER_FILES)
+
+
 def load_tokenizer(path: str):
     """The tokenizer saved beside the model, through transformers.AutoTokenizer."""
     import transformers
 
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: model directory does not exist")
-    if not any(os.path.exists(os.path.join(path, name)) for name in names):
+    if not has_tokenizer(path):
         raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
     return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def tokenizer_size(path: str) -> int | None:
+    """Every id of the tokenizer beside a model, added tokens included (len(tokenizer)); None without one."""
+    return len(load_tokenizer(path)) if has_tokenizer(path) else None
+
+
+def check_model_dir(path: str, resize_embeddings: bool = False) -> None:
+    """What a model directory can be refused for without reading its weights: an integer or
+    quantized tensor (from the safetensors headers), a tokenizer with more ids than the embedding table."""
+    config = DecoderConfig.from_hf(read_hf_config(path))
+    index_checkpoint(path)
+    vocab_rows(path, config.vocab_size, tokenizer_size(path), resize_embeddings)
 
 
 def export_model(model, directory: str, tokenizer_source: str, extra_config: dict | None = None) -> str:

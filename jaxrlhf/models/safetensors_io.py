@@ -28,6 +28,11 @@ DTYPES = {
     "BOOL": np.bool_,
 }
 DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
+# What a model computes in (F64 is cast down on load); integer, bool and F8 tensors are quantized weights.
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+# Name parts of the extra tensors quantized checkpoints carry (GPTQ/AWQ, bitsandbytes, FP8).
+QUANTIZATION_NAMES = {"qweight", "qzeros", "scales", "g_idx", "weight_scale", "weight_scale_inv", "input_scale"}
+QUANTIZATION_NAMES |= {"weight_zero_point", "SCB", "absmax", "quant_map", "quant_state"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ class TensorRef:
 
     def array(self) -> np.ndarray:
         """A read-only memory-mapped view; nothing is read until it is indexed."""
+        if self.dtype not in DTYPES:
+            raise ValueError(f"{self.file}: tensor of unsupported dtype {self.dtype}")
         data = np.memmap(self.file, dtype=np.uint8, mode="r", offset=self.start, shape=(self.end - self.start,))
         return data.view(DTYPES[self.dtype]).reshape(self.shape)
 
@@ -66,8 +73,6 @@ def read_header(path: str) -> dict[str, TensorRef]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in DTYPES:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
         refs[name] = TensorRef(path, info["dtype"], tuple(info["shape"]), base + start, base + end)
     return refs
@@ -86,13 +91,30 @@ def index_checkpoint(directory: str) -> dict[str, TensorRef]:
             if not os.path.exists(shard_path):
                 raise FileNotFoundError(f"{shard_path}: shard listed in {index_path} is missing")
             refs.update(read_header(shard_path))
-        return refs
+        return check_float_tensors(directory, refs)
     if os.path.exists(single_path):
-        return read_header(single_path)
+        return check_float_tensors(directory, read_header(single_path))
     raise FileNotFoundError(
         f"{directory}: no model.safetensors or model.safetensors.index.json "
         "(only safetensors checkpoints are supported)"
     )
+
+
+def check_float_tensors(directory: str, refs: dict[str, TensorRef]) -> dict[str, TensorRef]:
+    """Refuses, naming the first, tensors a model cannot compute in: integer, bool or F8 dtypes, or
+    the scales and zero points of a quantized checkpoint (cast to float they would train as noise)."""
+    bad = [
+        name
+        for name, ref in sorted(refs.items())
+        if ref.dtype not in FLOAT_DTYPES or QUANTIZATION_NAMES.intersection(name.split("."))
+    ]
+    if bad:
+        more = f" ({len(bad)} such tensors)" if len(bad) > 1 else ""
+        raise ValueError(
+            f"{directory}: tensor {bad[0]} is {refs[bad[0]].dtype}; quantized or integer checkpoints "
+            f"are not supported{more}"
+        )
+    return refs
 
 
 def write_safetensors(

@@ -163,12 +163,13 @@ _ACTIVATION_SHARDING: contextvars.ContextVar = contextvars.ContextVar("jaxrlhf_a
 
 
 @contextlib.contextmanager
-def activation_sharding(mesh: Mesh, rules: Rules):
+def activation_sharding(mesh: Mesh | None, rules: Rules):
     """While a jitted function is traced inside this context, `constrain` pins activations to
-    `rules` on `mesh`; outside it, `constrain` does nothing. JAX caches a function's trace, so
-    the context must be active when the function is first traced (the run enters it before any
-    step builds its jitted functions)."""
-    token = _ACTIVATION_SHARDING.set((mesh, rules))
+    `rules` on `mesh` (mesh None: to nothing); outside it, `constrain` does nothing. JAX caches a
+    function's trace, so the context must be active when the function is first traced (the run
+    enters it before any step builds its jitted functions); a module-level jitted function enters
+    it itself, from a static argument (`generate_from_state`), so each layout has its own trace."""
+    token = _ACTIVATION_SHARDING.set(None if mesh is None else (mesh, rules))
     try:
         yield
     finally:

@@ -232,15 +232,15 @@ def generation_phase_bytes(actor_graphdef, state: PPOState, ppo, generation, rul
     rows = batch_sharding(engine.mesh, 2, rules)
     prompts = jax.ShapeDtypeStruct((generated_prompts(ppo), ppo.max_prompt_seq_len), jnp.int32, sharding=rows)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-    with activation_sharding(engine.mesh, rules):
-        program = generate_from_state.lower(
-            engine.graphdef,
-            generation_state,
-            prompts,
-            prompts,
-            key,
-            settings,
-            engine.cache_sharding,
-            samples_per_prompt=ppo.samples_per_prompt,
-        ).compile()
+    program = generate_from_state.lower(
+        engine.graphdef,
+        generation_state,
+        prompts,
+        prompts,
+        key,
+        settings,
+        engine.cache_sharding,
+        samples_per_prompt=ppo.samples_per_prompt,
+        activations=(engine.mesh, rules),
+    ).compile()
     return compiled_bytes(program)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 
 from jaxrlhf.config import PREVIOUS_STAGE
 from jaxrlhf.data.builtin import BUILTIN
@@ -25,6 +24,7 @@ from jaxrlhf.plan.estimate import POLICIES, Job
 from jaxrlhf.plan.estimate import estimate as estimate_job
 from jaxrlhf.plan.plans import GIB, Line, StepPlan, Target, trained_line
 from jaxrlhf.plan.step3 import TRAINED, plan_ppo, ppo_models, rollout_rows
+from jaxrlhf.run_context import previous_export
 
 
 def step_models(config, step: str) -> tuple[str, ...]:
@@ -65,28 +65,28 @@ def target_for(config, devices: int, device_memory_bytes: int | None, platform: 
 
 def model_sources(config, builtin_dir) -> dict[str, str]:
     """The directory whose config.json gives each role's architecture: its path, or for "" the
-    model the previous step starts from (its export has the same shapes). `builtin_dir()` is the
-    built-in model's directory."""
-    exported = lambda step: os.path.join(config.output_dir, step, "model")
-
-    def source(path: str, previous_step: str, previous_source: str) -> str:
-        if path != PREVIOUS_STAGE:
-            return path
-        if previous_step in config.steps:
-            return previous_source
-        return (
-            exported(previous_step) if os.path.exists(os.path.join(exported(previous_step), "config.json")) else BUILTIN
-        )
-
-    sources = {"sft": config.sft.model.path}
-    sources["rm"] = source(config.rm.model.path, "sft", sources["sft"])
-    sources["dpo"] = source(config.dpo.model.path, "sft", sources["sft"])
-    sources["actor"] = source(config.ppo.actor_model.path, "sft", sources["sft"])
-    sources["critic"] = source(config.ppo.critic_model.path, "rm", sources["rm"])
-    reward = config.ppo.reward_model.path
-    sources["reward model"] = sources["critic"] if reward == PREVIOUS_STAGE else source(reward, "rm", sources["rm"])
-    built_in = {}  # the built-in model is built (once) only if a role of a configured step uses it
+    model the previous step starts from (its export has the same shapes); a used role's "" with
+    neither is refused (`previous_export`). `builtin_dir()` is the built-in model's directory."""
     used = {role for step in config.steps for role in step_models(config, step)}
+
+    def source(key: str, path: str, previous_step: str, previous_source: str, needed: bool) -> str:
+        if path != PREVIOUS_STAGE or not needed:
+            return path
+        return previous_export(config, previous_step, key) or previous_source
+
+    ppo, reward = config.ppo, config.ppo.reward_model.path
+    critic_needed = "critic" in used or ("reward model" in used and reward == PREVIOUS_STAGE)
+    sources = {"sft": config.sft.model.path}
+    sources["rm"] = source("rm.model.path", config.rm.model.path, "sft", sources["sft"], "rm" in used)
+    sources["dpo"] = source("dpo.model.path", config.dpo.model.path, "sft", sources["sft"], "dpo" in used)
+    sources["actor"] = source("ppo.actor_model.path", ppo.actor_model.path, "sft", sources["sft"], "actor" in used)
+    sources["critic"] = source("ppo.critic_model.path", ppo.critic_model.path, "rm", sources["rm"], critic_needed)
+    sources["reward model"] = (
+        sources["critic"]
+        if reward == PREVIOUS_STAGE
+        else source("ppo.reward_model.path", reward, "rm", sources["rm"], "reward model" in used)
+    )
+    built_in = {}  # the built-in model is built (once) only if a role of a configured step uses it
     return {
         role: (built_in.setdefault(BUILTIN, builtin_dir()) if path == BUILTIN else path)
         for role, path in sources.items()

@@ -50,7 +50,7 @@ class PPOLoop:
     ppo_epochs: int
     prompt_len: int
     samples_per_prompt: int
-    sizes: dict[str, int]  # parameter counts of the actor and the critic (0 without), for TFLOP/s
+    sizes: dict[str, int]  # parameters of the actor, the critic (0 without) and the trained ones, for TFLOP/s
 
     def role_states(self, state: PPOState) -> RoleStates:
         actor = ModelStates(state.actor.params, state.actor.frozen)
@@ -135,7 +135,8 @@ def iteration_timings(times: PhaseTimes, tokens, attention_mask, loop: PPOLoop) 
     actor, critic = loop.sizes["actor"], loop.sizes["critic"]
     generation_flops = 2 * actor * (prompts * prompt_len + generated)
     experience_flops = 2 * (2 * actor + 2 * critic) * batch * total_len
-    train_flops = 6 * (actor + critic) * batch * total_len * loop.ppo_epochs
+    trained = loop.sizes["trained"]  # 6 FLOPs per trained weight and token, 4 per frozen one (LoRA's base)
+    train_flops = (6 * trained + 4 * (actor + critic - trained)) * batch * total_len * loop.ppo_epochs
     timings = times.generation
     end_to_end = timings.reshard_s + timings.generate_s + times.reward_fn_s + times.experience_s + times.train_s
     return {

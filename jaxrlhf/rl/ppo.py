@@ -27,6 +27,7 @@ from jaxrlhf.evaluation import (
     evaluate_policy,
     held_out_prompts,
     plot_curve,
+    rewind_curve,
     sampling_settings,
     without_sample,
 )
@@ -42,7 +43,7 @@ from jaxrlhf.rl.rewards import RewardMix
 from jaxrlhf.rl.roles import ModelStates, RoleGraphs, load_model, load_roles
 from jaxrlhf.rl.update import PPOState, UpdateSettings, make_ppo_update
 from jaxrlhf.run_context import RunContext
-from jaxrlhf.train_state import check_bad_steps, init_train_state, make_optimizer, shardings_of
+from jaxrlhf.train_state import check_bad_steps, check_trained, init_train_state, make_optimizer, shardings_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,11 +82,16 @@ def run_ppo(ctx: RunContext, hooks: TaskHooks = TaskHooks()) -> dict[str, float]
         if run.loop.ptx_rows is not None:
             run.loop.ptx_rows.position = BatchPosition(**metadata["ptx_position"])
         kl_coef, start, sft_eval = metadata["kl_coef"], metadata["iteration"], metadata["sft_eval"]
+        ctx.add_earlier_seconds("ppo", metadata.get("seconds", 0.0))
         print(f"[ppo] resumed from iteration {start}", flush=True)
-    else:
+        rewind_curve(curve, start)
+    # what this run logs again goes: the records after the checkpoint, or all when ppo starts over
+    after = start if latest is not None else -1
+    ctx.logger.rewind({"ppo": after, "ppo/eval": after, "ppo/eval_sft": min(after, 0), "ppo/eval_ppo": -1})
+    if latest is None:
         sft_eval = evaluate_sft(run, state)
         append_to_curve(curve, 0, sft_eval)
-    ctx.logger.log(0, without_sample(sft_eval), prefix="ppo/eval_sft")
+        ctx.logger.log(0, without_sample(sft_eval), prefix="ppo/eval_sft")
 
     bar = progress(ppo.num_iterations - start, ppo.algorithm)
     for iteration in range(start, ppo.num_iterations):
@@ -116,6 +122,7 @@ def run_ppo(ctx: RunContext, hooks: TaskHooks = TaskHooks()) -> dict[str, float]
             "sft_eval": sft_eval,
             "position": dataclasses.asdict(run.loop.prompts.position),
             "ptx_position": dataclasses.asdict(run.loop.ptx_rows.position) if run.loop.ptx_rows else None,
+            "seconds": ctx.step_seconds("ppo"),
         }
         if checkpointer.save(done, state.checkpoint_tree(), metadata, force=done == ppo.num_iterations):
             maybe_kill_after_checkpoint(done)
@@ -126,6 +133,7 @@ def run_ppo(ctx: RunContext, hooks: TaskHooks = TaskHooks()) -> dict[str, float]
     append_to_curve(curve, ppo.num_iterations, ppo_eval)
     ctx.logger.log(ppo.num_iterations, without_sample(ppo_eval), prefix="ppo/eval_ppo")
     print(f"[ppo] sample before: {sft_eval.get('sample', '')!r}\n[ppo] sample after:  {ppo_eval.get('sample', '')!r}")
+    check_trained("ppo", state.actor, "ppo.actor_model.path", sft_eval, ppo_eval, ppo.actor_optimizer.learning_rate)
     export_roles(ctx, run, state)
     if jax.process_index() == 0:
         plot_curve(curve, f"{ctx.step_dir('ppo')}/eval_curve.png")
@@ -195,6 +203,7 @@ def prepare_run(ctx: RunContext, hooks: TaskHooks) -> tuple[PPORun, PPOState]:
     sizes = {
         "actor": count_params(roles.actor.states),
         "critic": count_params(roles.critic.states) if roles.critic else 0,
+        "trained": sum(count_params(role.states.params) for role in (roles.actor, roles.critic) if role),
     }
     state, (actor_optimizer, critic_optimizer) = initial_state(ppo, roles)
     engine = HybridEngine(

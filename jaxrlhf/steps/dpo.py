@@ -5,6 +5,7 @@ reward when the task has one."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -59,17 +60,18 @@ def make_dpo_loss(stage) -> Callable:
     return loss_fn
 
 
-def reference_logprobs(average: bool, microbatches: int) -> Callable:
-    """graphdef -> a jitted (params, frozen, batch) -> the reference's log-probs of each side,
-    computed micro-batch by micro-batch like the train step (no larger activations than it)."""
+def reference_logprobs(average: bool) -> Callable:
+    """graphdef -> a jitted (params, frozen, batch, microbatches) -> the reference's log-probs of
+    each side, computed micro-batch by micro-batch like the train step (no larger activations than
+    it), or in one piece (microbatches=1) for an eval batch, like the eval step."""
 
     def build(graphdef):
         def one(params, frozen, batch):
             chosen, rejected = pair_logprobs(nnx.merge(graphdef, params, frozen), batch, average)
             return {"reference_chosen": chosen, "reference_rejected": rejected}
 
-        @jax.jit
-        def run(params, frozen, batch):
+        @functools.partial(jax.jit, static_argnames="microbatches")
+        def run(params, frozen, batch, microbatches: int):
             if microbatches == 1:
                 return one(params, frozen, batch)
             parts = jax.lax.map(lambda part: one(params, frozen, part), split_microbatches(batch, microbatches))
@@ -95,7 +97,7 @@ def run_dpo(ctx: RunContext, gold_reward: Callable | None = None) -> dict[str, f
         ),
         count_tokens=lambda rows: int(rows["chosen_mask"].sum() + rows["rejected_mask"].sum()),
         data_seed=ctx.config.data.seed + 5,
-        reference=reference_logprobs(stage.loss == "ipo", stage.grad_accum_steps),
+        reference=reference_logprobs(stage.loss == "ipo"),
     )
     first, last = run_supervised(ctx, job)
     values = {

@@ -26,6 +26,7 @@ from jaxrlhf.run_context import RunContext
 from jaxrlhf.train_state import (
     LossFn,
     check_bad_steps,
+    check_trained,
     init_train_state,
     learning_rate_schedule,
     make_eval_step,
@@ -48,8 +49,8 @@ class SupervisedJob:
     loss_fn: LossFn  # (model, batch) -> (loss, metrics); also used for evaluation
     count_tokens: Callable[[dict[str, np.ndarray]], int]  # real tokens in a batch, for throughput
     data_seed: int
-    # DPO: graphdef -> a jitted (params, frozen, batch) -> arrays added to each batch, run on the
-    # frozen reference (the starting weights, or under LoRA the base with adapters off)
+    # DPO: graphdef -> a jitted (params, frozen, batch, microbatches) -> arrays added to each batch,
+    # run on the frozen reference (the starting weights, or under LoRA the base with adapters off)
     reference: Callable | None = None
 
 
@@ -132,30 +133,20 @@ def train_supervised(ctx: RunContext, job: SupervisedJob, model: nnx.Module, tra
         eval_arrays,
         stage.batch_size,
         stage.eval_batches,
-        lambda batch: prepare(state, batch),
+        lambda batch: prepare(state, batch, 1),  # in one piece, like the eval step: any eval batch size
     )
-    start = 0
-    if latest is not None:
-        _, restored, metadata = checkpointer.restore_latest(state.checkpoint_tree())
-        state = state.restored(restored)
-        iterator.position = BatchPosition(**metadata["position"])
-        start, first_eval = int(restored["step"]), metadata["first_eval"]
-        print(f"[{job.name}] resumed from step {start} ({checkpointer.directory})", flush=True)
-    else:
+    state, start, first_eval = restore_or_start(ctx, job.name, checkpointer, latest, state, iterator, steps)
+    if first_eval is None:
         first_eval = evaluate_now()  # before any training: kept in every checkpoint for the summary
-    ctx.logger.log(start, first_eval, prefix=f"{job.name}/eval")
-    flops_per_token = training_flops_per_token(
-        count_params(state.params) + count_params(state.frozen),
-        model_config.num_layers,
-        model_config.hidden_size,
-        stage.max_seq_len,
-    )
+        ctx.logger.log(0, first_eval, prefix=f"{job.name}/eval")
+        check_trained(job.name, state, f"{job.name}.model.path", first_eval)
+    flops_per_token = step_flops_per_token(state, model_config, stage.max_seq_len)
     tokens, clock = 0, time.perf_counter()
     bar = progress(steps - start, f"{job.name}")
     for step in range(start, steps):
         local_rows = next(iterator)
         tokens += job.count_tokens(local_rows) * jax.process_count()
-        state, metrics = train_step(state, prepare(state, ctx.device_batch(local_rows)))
+        state, metrics = train_step(state, prepare(state, ctx.device_batch(local_rows), stage.grad_accum_steps))
         bar.update(1)
         done = step + 1
         if done % config.log_every == 0 or done == steps:
@@ -168,24 +159,54 @@ def train_supervised(ctx: RunContext, job: SupervisedJob, model: nnx.Module, tra
             tokens, clock = 0, time.perf_counter()
         if stage.eval_every and done % stage.eval_every == 0 and done != steps:
             ctx.logger.log(done, evaluate_now(), prefix=f"{job.name}/eval")
-        metadata = {"position": dataclasses.asdict(iterator.position), "first_eval": first_eval}
+        position, seconds = dataclasses.asdict(iterator.position), ctx.step_seconds(job.name)
+        metadata = {"position": position, "first_eval": first_eval, "seconds": seconds}
         if checkpointer.save(done, state.checkpoint_tree(), metadata, force=done == steps):
             maybe_kill_after_checkpoint(done)
     bar.close()
     last_eval = evaluate_now()
     ctx.logger.log(steps, last_eval, prefix=f"{job.name}/eval")
     checkpointer.close()
+    check_trained(job.name, state, f"{job.name}.model.path", first_eval, last_eval, stage.optimizer.learning_rate)
     return nnx.merge(graphdef, state.params, state.frozen), first_eval, last_eval
 
 
+def step_flops_per_token(state, model_config, seq_len: int) -> float:
+    """The training FLOPs of one token, for TFLOP/s and MFU: the trainable parameters (all, or the
+    adapters and a value head under LoRA) at 6 per token, the frozen rest (LoRA's base) at 4."""
+    trainable, frozen = count_params(state.params), count_params(state.frozen)
+    return training_flops_per_token(trainable, frozen, model_config.num_layers, model_config.hidden_size, seq_len)
+
+
+def restore_or_start(ctx: RunContext, name: str, checkpointer, latest: int | None, state, iterator, steps: int):
+    """(state, first step, first eval metrics or None): restored from the latest checkpoint (with the
+    data position and the seconds run so far), or as given at step 0. The step's records in
+    metrics.jsonl that this run logs again are dropped: those after the checkpoint (the final eval
+    too, once the last one is written), or all of them when the step starts over."""
+    if latest is None:
+        ctx.logger.rewind({name: -1, f"{name}/eval": -1})
+        return state, 0, None
+    _, restored, metadata = checkpointer.restore_latest(state.checkpoint_tree())
+    iterator.position = BatchPosition(**metadata["position"])
+    start = int(restored["step"])
+    ctx.add_earlier_seconds(name, metadata.get("seconds", 0.0))
+    ctx.logger.rewind({name: start, f"{name}/eval": start - 1 if start == steps else start})
+    print(f"[{name}] resumed from step {start} ({checkpointer.directory})", flush=True)
+    return state.restored(restored), start, metadata["first_eval"]
+
+
 def reference_inputs(job: SupervisedJob, graphdef, params, frozen, lora_rank: int) -> Callable:
-    """`(state, batch) -> batch` with the job's reference arrays added (the batch unchanged
-    without a reference). The reference is a copy of the starting weights (taken before the train
-    state takes them over), or under LoRA the live base with adapters off (no copy)."""
+    """`(state, batch, microbatches) -> batch` with the job's reference arrays added, computed in
+    that many pieces (the batch unchanged without a reference). The reference is a copy of the
+    starting weights (taken before the train state takes them over), or under LoRA the live base
+    with adapters off (no copy)."""
     if job.reference is None:
-        return lambda state, batch: batch
+        return lambda state, batch, microbatches: batch
     run_reference = job.reference(graphdef)
     if lora_rank:
-        return lambda state, batch: {**batch, **run_reference(adapters_off(state.params), state.frozen, batch)}
+        return lambda state, batch, microbatches: {
+            **batch,
+            **run_reference(adapters_off(state.params), state.frozen, batch, microbatches),
+        }
     start = jax.tree.map(jnp.copy, (params, frozen))
-    return lambda state, batch: {**batch, **run_reference(*start, batch)}
+    return lambda state, batch, microbatches: {**batch, **run_reference(*start, batch, microbatches)}
