@@ -104,6 +104,24 @@ def _acquire_exclusive_file(output_dir: str, path: str) -> RunLock:
     raise RunLocked(f"{output_dir}: could not take the run lock {path} (other runs keep taking it)")
 
 
+def refuse_if_held(output_dir: str) -> None:
+    """A quick look before the run's heavy start-up (JAX, the models): RunLocked at once when
+    another live run holds the directory's lock. The lock itself is taken later (`hold_run_lock`)."""
+    path = os.path.join(output_dir, LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return  # no lock file: nobody holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RunLocked(f"{output_dir} is in use by another run ({describe(read_holder(path, 1.0))})") from None
+    except OSError:
+        return  # no flock here: the O_EXCL fallback decides later
+    finally:
+        os.close(fd)  # closing drops a lock this look took
+
+
 def read_holder(path: str, wait_s: float = 0.0) -> dict:
     """The holder recorded in the lock file ({} if none), waiting up to `wait_s` for a holder that
     has taken the lock but not yet written itself down."""

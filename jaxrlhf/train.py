@@ -115,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     if print_only:
         print(config_yaml(config), end="")
         return 0
+    from jaxrlhf.run_lock import RunLocked, refuse_if_held
+
+    try:
+        refuse_if_held(config.output_dir)  # before the heavy start-up: a second run stops at once
+    except RunLocked as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
     import jax
 
     from jaxrlhf.checkpoint import NonFiniteValues
