@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrlhf import losses
 from jaxrlhf.models.outputs import sequence_scores
-from jaxrlhf.steps import losses
 
 LOG2 = math.log(2.0)
 
