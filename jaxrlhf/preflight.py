@@ -31,7 +31,8 @@ def preflight(ctx: RunContext) -> None:
         data = ctx.step_data(step)
         if not data.train:
             raise ValueError(
-                f"{step}: no training records in its data slice (data.data_split={ctx.config.data.data_split})"
+                f"{step}: no training records in its data slice (data.data_split={ctx.config.data.data_split}): "
+                f"0 records of {data.report.rows} rows read; {data.report.malformed()}"
             )
         check_eval_size(ctx, step, len(data.eval))
     checked = set()

@@ -12,6 +12,7 @@ import os
 import sys
 
 from jaxrlhf.config import config_yaml, main_config_or_exit, save_resolved_config
+from jaxrlhf.failure_report import one_line, quiet_library_logs, report_failure, report_interrupt
 
 
 def run(config) -> dict[str, float]:
@@ -109,12 +110,31 @@ def task_hooks(config):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI: a bad config exits 2 before any work; whatever stops the run is one line on stderr (its
+    traceback in <output_dir>/error.log; `JAXRLHF_DEBUG=1` raises it instead), see `failure_report`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     print_only = "--print-config" in argv
     config = main_config_or_exit([arg for arg in argv if arg != "--print-config"])
     if print_only:
         print(config_yaml(config), end="")
         return 0
+    debug = bool(os.environ.get("JAXRLHF_DEBUG"))
+    if not debug:
+        quiet_library_logs()
+    try:
+        return start(config)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        return report_interrupt(config)
+    except Exception as error:
+        if debug:
+            raise
+        return report_failure(config, error)
+
+
+def start(config) -> int:
+    """Runs the config unless another run holds its output directory (exit code 2 at once)."""
     from jaxrlhf.run_lock import RunLocked, refuse_if_held
 
     try:
@@ -122,36 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     except RunLocked as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
-    import jax
-
-    from jaxrlhf.checkpoint import NonFiniteValues
-    from jaxrlhf.metrics import close_progress_bars
-    from jaxrlhf.train_state import TrainingDiverged
-
-    try:
-        run(config)
-    except (TrainingDiverged, NonFiniteValues, FileNotFoundError, ValueError, OSError) as error:
-        if os.environ.get("JAXRLHF_DEBUG"):
-            raise
-        close_progress_bars()
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        return 3 if isinstance(error, (TrainingDiverged, NonFiniteValues)) else 2
-    except jax.errors.JaxRuntimeError as error:
-        if jax.process_count() == 1 or os.environ.get("JAXRLHF_DEBUG"):
-            raise
-        print(
-            f"error: process {jax.process_index()}: a collective failed; another process of this run may have "
-            f"died ({one_line(error)[:200]})",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 2
+    run(config)
     return 0
-
-
-def one_line(error: BaseException) -> str:
-    """An error as one line: its message, or its type when it has none (disk full names the file)."""
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":

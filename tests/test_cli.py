@@ -83,3 +83,27 @@ def test_rw_eval_names_the_malformed_row(reward_model_dir, tmp_path, bad_row):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{bad}:3" in lines[0] and "rejected" in lines[0], result.stderr  # 1-based line
+
+
+def test_rw_eval_counts_ties_apart_from_accuracy(tmp_path, capsys):
+    """Identical chosen and rejected texts (and equal scores) are ties: warned about, and left out
+    of the accuracy, which is over the decided pairs only."""
+    from hf_fixtures import random_reward_model
+
+    from jaxrlhf.cli import rw_eval
+    from jaxrlhf.data.records import Record
+
+    model = random_reward_model(str(tmp_path), str(tmp_path / "cache"))
+    prompt = "\n\nHuman: hello\n\nAssistant:"
+    answers = [(" hi there", " go away"), (" hi there", " hi there"), (" yes", " no"), (" ok", " ok"), (" a", " bb")]
+    pairs = tmp_path / "pairs.jsonl"
+    write_jsonl(pairs, [{"prompt": prompt, "chosen": c, "rejected": r} for c, r in answers])
+    assert rw_eval.main([model, "--pairs", str(pairs), "--layout", "rm-static"]) == 0
+    captured = capsys.readouterr()
+    chosen, rejected = rw_eval.score_pairs(model, [Record(prompt, c, r) for c, r in answers])
+    decided = [c > r for c, r, (a, b) in zip(chosen, rejected, answers) if a != b]
+    assert len(decided) == 3 and all(chosen[i] != rejected[i] for i in (0, 2, 4))
+    assert f"accuracy {sum(decided) / 3:.4f} over 3 decided pairs, 2 ties" in captured.out
+    warning = captured.err.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith("warning:") and "2 tie pairs" in warning[0]
+    assert "first pairs 2, 4" in warning[0]

@@ -207,6 +207,25 @@ def test_json_arrays_name_the_line_of_a_bad_element_and_empty_files_are_errors(t
         load_source(Source(str(empty), "rm-static"), seed=0)
 
 
+def test_a_bom_and_a_json_array_in_a_jsonl_file_are_read_not_reported_as_bad_rows(tmp_path):
+    rows = [{"prompt": f"p{i}", "chosen": " a", "rejected": " b"} for i in range(40)]
+    files = {
+        "bom.jsonl": "\ufeff" + "\n".join(json.dumps(row) for row in rows),  # as Windows tools write it
+        "bom_array.json": "\ufeff" + json.dumps(rows, indent=1),
+        "spread_array.jsonl": json.dumps(rows, indent=2),
+        "one_line_array.jsonl": json.dumps(rows),
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        records, report = load_source(Source(str(tmp_path / name), "rm-static"), seed=0)
+        assert (len(records), report.rows, report.bad_total) == (40, 40, 0), name
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(rows, indent=2)[:-30])  # cut inside the last object
+    with pytest.raises(ValueError, match=r"broken.jsonl:\d+: not valid JSON") as error:
+        load_source(Source(str(broken), "rm-static"), seed=0)
+    assert "\n" not in str(error.value)
+
+
 # ---------------------------------------------------------------- data_split
 
 
@@ -407,3 +426,32 @@ def test_rows_left_with_nothing_to_learn_after_truncation_are_dropped_and_counte
     pairs = tokenize_pairs([RECORD, RECORD, long_prompt], tokenizer, max_seq_len=width)
     assert len(pairs["chosen_ids"]) == 2  # the long prompt's two sides became the same tokens
     assert "1 of 3 preference-pair rows became identical" in capsys.readouterr().out
+
+
+def test_pairs_identical_in_the_data_are_counted_apart_from_those_cut_identical(tokenizer, capsys):
+    same = Record(PROMPT, " pear.", " pear.")
+    long_prompt = Record(PROMPT * 6, " apple.", " red.")
+    width = len(ids(tokenizer, PROMPT)) + 6
+    pairs = tokenize_pairs([RECORD, RECORD, RECORD, same, long_prompt], tokenizer, max_seq_len=width)
+    assert len(pairs["chosen_ids"]) == 3 and "identical" not in pairs
+    out = capsys.readouterr().out
+    assert "[data] 1 of 5 preference-pair rows became identical when cut" in out
+    assert "[data] 1 of 5 preference-pair rows have the same chosen and rejected text in the data: dropped" in out
+    with pytest.raises(ValueError, match=r"2 of 3 .* same chosen and rejected text in the data \(more than 50%\): fix"):
+        tokenize_pairs([RECORD, same, same], tokenizer, max_seq_len=width)
+
+
+def test_no_training_records_counts_the_malformed_rows(tmp_path):
+    path = tmp_path / "mostly_bad.jsonl"
+    path.write_text("\n".join(["not json"] * 37 + [json.dumps({"prompt": "p", "chosen": " a", "rejected": " b"})]))
+    with pytest.raises(ValueError) as error:  # the one good record lands in another step's slice
+        step_records([Source(str(path), "rm-static")], "sft", "2,4,4", eval_fraction=0.0, seed=0)
+    assert str(error.value) == (
+        "data_split '2,4,4' leaves no training records for step 'sft': 0 records of 38 rows read; 37 rows were "
+        f"malformed (37 x not valid JSON (Expecting value at column 1); first: {path}:1: not valid JSON (Expecting "
+        f"value at column 1), {path}:2: not valid JSON (Expecting value at column 1), {path}:3: not valid JSON "
+        "(Expecting value at column 1))"
+    )
+    path.write_text("\n".join(["not json"] * 37))
+    with pytest.raises(ValueError, match=r"no valid record .*: 0 records of 37 rows; 37 rows were malformed \("):
+        load_source(Source(str(path), "rm-static"), seed=0)

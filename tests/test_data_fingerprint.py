@@ -12,7 +12,6 @@ from pipeline_helpers import train
 from jaxrlhf.checkpoint import SIGKILL_AFTER_CHECKPOINT
 from jaxrlhf.data.fingerprint import FINGERPRINT_FILE, data_fingerprint, write_fingerprint
 from jaxrlhf.data.split import step_records
-from jaxrlhf.metrics import MetricsLogger
 from jaxrlhf.preflight import check_data_unchanged
 
 SFT = ["steps=[sft]", "data.data_split=1,0,0", "checkpoint.every_steps=2", "checkpoint.keep=3"]
@@ -50,6 +49,7 @@ def listing(directory):
     )
 
 
+@pytest.mark.slow  # ~30 s: a killed run, then two resumes
 def test_rewritten_data_is_refused_unless_forced(tmp_path, cache):
     out, data, source = killed_run(tmp_path, cache, 2)
     checkpoints = out / "sft" / "checkpoints"
@@ -68,6 +68,7 @@ def test_rewritten_data_is_refused_unless_forced(tmp_path, cache):
     assert "but its data changed" in forced.stdout and "resumed from step 2" in forced.stdout
 
 
+@pytest.mark.slow  # ~30 s: a killed run, then a resume
 def test_touched_data_resumes_with_a_warning_and_logs_each_step_once(tmp_path, cache):
     out, data, source = killed_run(tmp_path, cache, 4)
     checkpoints = out / "sft" / "checkpoints"
@@ -118,16 +119,3 @@ def test_the_builtin_task_is_fingerprinted_by_its_records():
     other = data_fingerprint([small], step_records([small], "sft", "2,4,4", 0.05, 0))
     assert first == again and first["files"] == []
     assert other["records_sha256"] != first["records_sha256"]
-
-
-def test_rewind_keeps_one_record_per_step(tmp_path):
-    with MetricsLogger(tmp_path, tensorboard=False) as logger:
-        for step in range(5):
-            logger.log(step, {"loss": 1.0}, prefix="sft")
-            logger.log(step, {"loss": 1.0}, prefix="rm")
-        logger._jsonl.write('{"step": 5, "pre')  # a line cut short by a kill
-        logger.rewind({"sft": 2})
-        logger.log(3, {"loss": 0.5}, prefix="sft")
-    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [r["step"] for r in records if r["prefix"] == "sft"] == [0, 1, 2, 3]
-    assert [r["step"] for r in records if r["prefix"] == "rm"] == [0, 1, 2, 3, 4]

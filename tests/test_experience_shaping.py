@@ -45,3 +45,13 @@ def test_oversampled_batch_keeps_the_first_informative_groups_at_a_fixed_size():
     np.testing.assert_array_equal(chosen.scores, [4, 5, 0, 1])  # topped up with a masked group
     np.testing.assert_array_equal(chosen.kept, [1, 0, 0, 0])
     assert float(stats["informative_group_share"]) == 0.5
+
+
+def test_an_iteration_of_uniform_groups_teaches_nothing_but_does_not_stop_the_run():
+    import pytest
+
+    from jaxrlhf.rl.ppo import require_kept_rows
+
+    require_kept_rows({"kept_fraction": 0.0, "uniform_group_share": 1.0}, 3)  # every group answered alike
+    with pytest.raises(ValueError, match="iteration 3: every answer was dropped"):
+        require_kept_rows({"kept_fraction": 0.0, "uniform_group_share": 0.5}, 3)  # the rest were too short

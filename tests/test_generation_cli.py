@@ -91,3 +91,87 @@ def test_a_tokenizer_without_pad_token_pads_and_generates_with_eos(model_dirs, t
     assert (ids[mask == 0] == tokenizer.eos_token_id).all()
     answers = TextGenerator(path, max_new_tokens=4, greedy=True).answers(["Human: hello there.", "hi"])
     assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
+
+
+def no_model_loads(monkeypatch):
+    """Makes loading a model a test failure: every input is to be checked before one loads."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before every input was checked")
+
+    monkeypatch.setattr(chat, "TextGenerator", refuse)
+    monkeypatch.setattr(prompt_eval, "TextGenerator", refuse)
+
+
+def one_error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines
+    return lines[0]
+
+
+def test_prompt_eval_checks_the_second_model_before_loading_the_first(model_dirs, monkeypatch, capsys):
+    no_model_loads(monkeypatch)
+    assert prompt_eval.main([model_dirs[0], "/no/such/model"]) == 2
+    assert "/no/such/model: model directory does not exist" in one_error_line(capsys)
+    assert prompt_eval.main([model_dirs[0], str(model_dirs[0]) + "/.."]) == 2  # a directory without config.json
+    assert "config.json" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "name, content, named",
+    [
+        ("empty.txt", b"", "empty.txt: no prompts"),
+        ("blank.txt", b"\n   \n", "blank.txt: no prompts"),
+        ("latin1.txt", b"Human: hello\n\nHuman: caf\xe9\n", "latin1.txt:3: not UTF-8 (byte 0xe9 at column 11)"),
+        ("bad.jsonl", b'{"prompt": "a"}\n{"prompt": "b"\n', "bad.jsonl:2: not valid JSON"),
+        ("no_field.jsonl", b'{"prompt": "a"}\n\n{"text": "b"}\n', "no_field.jsonl:3:"),
+        ("not_text.jsonl", b'{"prompt": 3}\n', "not_text.jsonl:1:"),
+        ("a_list.jsonl", b'["a"]\n', "a_list.jsonl:1:"),
+    ],
+)
+def test_prompt_eval_names_the_bad_prompts_line_before_loading(
+    model_dirs, tmp_path, monkeypatch, capsys, name, content, named
+):
+    no_model_loads(monkeypatch)
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert prompt_eval.main([*model_dirs, "--prompts", str(path)]) == 2
+    assert named in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--top-p", "0"),
+        ("--top-p", "1.5"),
+        ("--top-p", "nan"),
+        ("--temperature", "0"),
+        ("--temperature", "-0.5"),
+        ("--top-k", "-1"),
+        ("--max-new-tokens", "0"),
+        ("--tensor-parallel", "0"),
+    ],
+)
+def test_chat_refuses_a_sampling_value_out_of_range(model_dirs, monkeypatch, capsys, flag, value):
+    no_model_loads(monkeypatch)
+    with pytest.raises(SystemExit) as exit:
+        chat.main([model_dirs[0], flag, value])
+    assert exit.value.code == 2
+    assert flag in one_error_line(capsys)
+
+
+def test_sampling_values_at_the_edges_of_their_range_are_accepted(model_dirs, monkeypatch):
+    made = []
+    monkeypatch.setattr(chat, "TextGenerator", lambda *args, **sampling: made.append(sampling))
+    monkeypatch.setattr("sys.stdin", io.StringIO("quit\n"))
+    assert chat.main([model_dirs[0], "--top-p", "1", "--temperature", "1e-3", "--top-k", "0"]) == 0
+    assert made[0]["top_p"] == 1.0 and made[0]["temperature"] == 1e-3 and made[0]["top_k"] == 0
+
+
+def test_prompt_eval_refuses_max_new_tokens_below_1_and_chat_a_missing_model(model_dirs, monkeypatch, capsys):
+    no_model_loads(monkeypatch)
+    with pytest.raises(SystemExit) as exit:
+        prompt_eval.main([*model_dirs, "--max-new-tokens", "0"])
+    assert exit.value.code == 2 and "--max-new-tokens" in one_error_line(capsys)
+    assert chat.main(["/no/such/model"]) == 2
+    assert "/no/such/model" in one_error_line(capsys)

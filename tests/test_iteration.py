@@ -61,7 +61,31 @@ def test_one_iteration_steps_both_models_and_reports_every_phase(prepared):
         "samples_per_s",
     ):
         assert np.isfinite(stats[key]), key
-    assert stats["kl_coef"] == pytest.approx(0.1)
+
+
+def test_the_kl_coefficient_weighs_the_kl_penalty_in_the_critics_targets(prepared):
+    """kl_coef changes neither the rollouts nor their scores; it weighs the per-token KL penalty of
+    the rewards, so the critic's returns move in proportion to it, and not at all while the actor
+    is still the reference."""
+    run, initial = prepared
+    position = run.loop.prompts.position
+
+    def iterate(state, kl_coef):  # the same prompts and sampling key each time
+        run.loop.prompts.position = position
+        return run_iteration(run.loop, copy(state), iteration=1, kl_coef=kl_coef)
+
+    unmoved = [iterate(initial, kl_coef)[1] for kl_coef in (0.0, 0.5)]
+    assert unmoved[0]["kl"] == unmoved[1]["kl"] == 0.0  # the actor starts as the reference
+    assert unmoved[0]["return_mean"] == unmoved[1]["return_mean"]
+
+    moved, _ = iterate(initial, 0.1)  # six updates away from the reference
+    stats = [iterate(moved, kl_coef)[1] for kl_coef in (0.0, 0.5, 1.0)]
+    for key in ("score", "kl", "answer_length", "value_mean"):
+        assert stats[0][key] == stats[1][key] == stats[2][key], key
+    assert stats[0]["kl"] != 0
+    returns = [row["return_mean"] for row in stats]
+    assert abs(returns[1] - returns[0]) > 1e-4 * abs(returns[0]), returns
+    assert returns[2] - returns[0] == pytest.approx(2 * (returns[1] - returns[0]), rel=1e-2), returns
 
 
 def test_an_iteration_depends_only_on_the_state_its_prompts_and_its_number(prepared):

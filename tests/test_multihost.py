@@ -7,6 +7,7 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hf_fixtures import padded_batch, save_tiny_model, torch_logits
 
 from jaxrlhf.models import load_pretrained
@@ -45,6 +46,7 @@ def test_two_process_sharded_forward_and_export(tmp_path):
     np.testing.assert_allclose(exported[mask == 1], expected[mask == 1], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # ~200 s: the pipeline in two processes
 def test_two_process_pipeline_runs_end_to_end(tmp_path):
     """`python -m jaxrlhf.train` as a cluster launcher would start it: two processes of two CPU
     devices each, one mesh over all four; every step trains, checkpoints and exports."""
@@ -94,6 +96,7 @@ def test_two_process_pipeline_runs_end_to_end(tmp_path):
         assert os.path.exists(tmp_path / "run" / role / "model.safetensors"), role
 
 
+@pytest.mark.slow  # ~100 s: waits out the heartbeat timeout
 def test_a_dead_peer_stops_the_survivor_within_a_minute(tmp_path):
     """Kill one of two processes mid-training: the other must not hang on a collective, but exit
     non-zero within 60 s (the coordination service's heartbeat timeout, 30 s by default)."""

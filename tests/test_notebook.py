@@ -3,11 +3,13 @@
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 HERE = os.path.dirname(__file__)
 
 
+@pytest.mark.slow  # ~2 min: the notebook trains the three steps through the Python API
 def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     notebook = nbformat.read(os.path.join(HERE, "..", "notebooks", "quickstart.ipynb"), as_version=4)
     monkeypatch.setenv("JAXRLHF_NOTEBOOK_FAST", "1")

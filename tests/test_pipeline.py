@@ -1,5 +1,6 @@
 """The default run, end to end, as a user starts it: `python -m jaxrlhf.train` with no argument
-(only the output directory moved), on one CPU device. Checks what each step must show."""
+(only the output directory moved), on one CPU device (conftest.py's `default_run`, made once per
+session). Checks what each step must show."""
 
 import json
 import math
@@ -9,21 +10,7 @@ import sys
 
 import pytest
 
-
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("default_run")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a plain CPU run
-    env["JAX_PLATFORMS"] = "cpu"
-    result = subprocess.run(
-        [sys.executable, "-m", "jaxrlhf.train", f"output_dir={out}"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return out, json.load(open(out / "summary.json")), result.stdout
+pytestmark = pytest.mark.slow  # the default run (conftest.py's `default_run`, ~5 min) and runs from its models
 
 
 def test_sft_learns(default_run):
@@ -96,11 +83,23 @@ def test_outputs_a_user_needs(default_run):
     assert os.path.exists(out / "config.yaml") and os.listdir(out / "tensorboard")
     for role in ("sft/model", "rm/model", "ppo/actor", "ppo/actor_ema", "ppo/critic", "ppo/reward_model"):
         assert os.path.exists(out / role / "model.safetensors"), role
+    # transformers loads the exported actor and answers greedily what our generation answers
+    from jaxrlhf.generation.prompting import TextGenerator
+
+    text = "\n\nHuman: I am Alice. List three fruits.\n\nAssistant:"
     tokenizer = transformers.AutoTokenizer.from_pretrained(out / "ppo" / "actor")
     actor = transformers.AutoModelForCausalLM.from_pretrained(out / "ppo" / "actor")
-    prompt = tokenizer("\n\nHuman: I am Alice. List three fruits.\n\nAssistant:", return_tensors="pt")
-    answer = actor.generate(**prompt, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert answer.shape[1] > prompt["input_ids"].shape[1]
+    prompt = tokenizer(text, return_tensors="pt")
+    answer = actor.generate(
+        **prompt,
+        max_new_tokens=20,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    hf_text = tokenizer.decode(answer[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert hf_text.strip(), answer
+    assert [hf_text] == TextGenerator(str(out / "ppo" / "actor"), max_new_tokens=20, greedy=True).answers([text])
     reward = transformers.AutoModelForSequenceClassification.from_pretrained(out / "rm" / "model")
     with torch.no_grad():
         assert np.isfinite(reward(answer).logits.numpy()).all()

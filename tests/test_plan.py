@@ -198,6 +198,7 @@ def run_module(*args, cwd):
     )
 
 
+@pytest.mark.slow  # ~30 s: the planner CLI compiles a pipeline from shapes
 def test_a_config_that_cannot_fit_exits_2_with_the_table(tmp_path):
     result = run_module("jaxrlhf.plan", DSCHAT, "plan.device_memory_gib=12", "--devices", "1", cwd=ROOT)
     assert result.returncode == 2, result.stderr
@@ -213,6 +214,7 @@ def test_a_config_that_cannot_fit_exits_2_with_the_table(tmp_path):
     assert not (output / "sft").exists()
 
 
+@pytest.mark.slow  # ~30 s: every program of the pipeline compiled
 def test_plan_compiles_every_program_of_the_pipeline_from_shapes(tmp_path):
     """`--compile` on simulated devices: the SFT, RM and DPO steps and PPO's generate, experience
     and update programs, each reported beside the planner's figure."""
@@ -238,3 +240,46 @@ def test_plan_compiles_every_program_of_the_pipeline_from_shapes(tmp_path):
         ["ppo", "update"],
     ]
     assert "on 2 device(s)" in result.stdout
+
+
+def plan_main(argv, monkeypatch) -> int:
+    """`python -m jaxrlhf.plan ARGV` in this process (its --devices settings undone afterwards);
+    the exit code, whether returned or exited with."""
+    from jaxrlhf.plan.__main__ import main
+
+    for name in ("XLA_FLAGS", "JAX_PLATFORMS"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["{tmp}/missing.yaml"], "missing.yaml"),
+        (["sft.bogus=1"], "sft.bogus"),
+        (["steps=[sft]", "sft.model.path={tmp}"], "config.json: missing"),
+        (["steps=[sft]", "--devices", "0"], "--devices"),
+        (["steps=[sft]", "--devices"], "--devices needs a value"),
+    ],
+    ids=["missing-config", "unknown-key", "no-config-json", "zero-devices", "dangling-flag"],
+)
+def test_plan_refuses_bad_input_in_one_line(tmp_path, monkeypatch, capsys, argv, named):
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
+    assert plan_main([*argv[:1], f"output_dir={tmp_path / 'run'}", *argv[1:]], monkeypatch) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], lines
+
+
+def test_plan_refuses_batch_sizes_train_would_refuse(tmp_path, monkeypatch, capsys):
+    """The message is train's (preflight.check_batch_sizes), on the devices planned for."""
+    argv = ["steps=[sft]", "sft.batch_size=32", f"output_dir={tmp_path}", "--devices", "3"]
+    assert plan_main(argv, monkeypatch) == 2
+    captured = capsys.readouterr()
+    assert "[sft] GiB per device on 3 device(s)" in captured.out  # the plan is still printed
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: sft.batch_size=32"), lines
+    assert "do not divide over the 3 data-parallel devices" in lines[0]
+    assert plan_main([*argv[:-1], "4"], monkeypatch) == 0

@@ -66,6 +66,7 @@ def test_iterations_after_the_first_compile_nothing(tmp_path):
         assert os.path.exists(tmp_path / "single" / "ppo" / role / "model.safetensors"), role
 
 
+@pytest.mark.slow  # ~20 s: two step-3 runs, one sharded
 def test_sharded_iteration_equals_single_device(tmp_path):
     _, single = run(tmp_path, "single", make_mesh(devices=jax.devices()[:1]), "ppo.num_iterations=1")
     _, sharded = run(
@@ -108,6 +109,7 @@ def test_lora_ptx_adaptive_kl_and_the_deepspeed_chat_preset(tmp_path):
 GRPO = ["ppo.algorithm=grpo", "ppo.samples_per_prompt=4", "ppo.prompts_per_iteration=4", "generation.greedy=false"]
 
 
+@pytest.mark.slow  # ~25 s: two step-3 runs, one sharded
 def test_grpo_compiles_once_sharded_equals_one_device_and_has_no_critic(tmp_path):
     tis = "ppo.rollout_correction=tis"  # float32 generation: every ratio within the cap, weights 1
     single_summary, single = run(

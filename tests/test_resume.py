@@ -8,6 +8,8 @@ from pipeline_helpers import train
 
 from jaxrlhf.checkpoint import SIGKILL_AFTER_CHECKPOINT
 
+pytestmark = pytest.mark.slow  # three runs per test, killed and resumed
+
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
@@ -15,12 +17,9 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, cache):
-    """SFT and reward-model exports for the later steps to start from."""
-    out = tmp_path_factory.mktemp("base")
-    result = train(out, cache, "steps=[sft,rm]")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+def base(default_run):
+    """SFT and reward-model exports for the later steps to start from: the default run's."""
+    return default_run[0]
 
 
 def interrupted_and_uninterrupted(tmp_path, cache, kill_at, *overrides):

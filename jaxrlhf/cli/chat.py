@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from jaxrlhf.cli.common import Parser, at_least, run_or_exit_2
+from jaxrlhf.cli.common import Parser, number, require_model_dir, run_or_exit_2
 from jaxrlhf.generation.prompting import TextGenerator
 
 HUMAN, ASSISTANT = "\n\nHuman: ", "\n\nAssistant:"
@@ -29,13 +29,13 @@ def clean_answer(answer: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="python -m jaxrlhf.cli.chat", description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir")
-    parser.add_argument("--max-new-tokens", type=at_least(1), default=64)
-    parser.add_argument("--temperature", type=at_least(0.0, float), default=1.0)
-    parser.add_argument("--top-k", type=at_least(0), default=0)
-    parser.add_argument("--top-p", type=at_least(0.0, float), default=1.0)
+    parser.add_argument("--max-new-tokens", type=number(int, low=1), default=64)
+    parser.add_argument("--temperature", type=number(float, low=0.0, low_open=True), default=1.0)
+    parser.add_argument("--top-k", type=number(int, low=0), default=0, help="0: off")
+    parser.add_argument("--top-p", type=number(float, 0.0, 1.0, low_open=True), default=1.0)
     parser.add_argument("--greedy", action="store_true")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--tensor-parallel", type=at_least(1), default=1)
+    parser.add_argument("--tensor-parallel", type=number(int, low=1), default=1)
     args = parser.parse_args(argv)
     sampling = dict(
         max_new_tokens=args.max_new_tokens,
@@ -45,11 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         greedy=args.greedy,
     )
     generator = []
-    if run_or_exit_2(
-        lambda: generator.append(TextGenerator(args.model_dir, args.dtype, args.tensor_parallel, **sampling)) or 0
-    ):
-        return 2
-    return converse(generator[0])
+
+    def load() -> int:
+        require_model_dir(args.model_dir)
+        generator.append(TextGenerator(args.model_dir, args.dtype, args.tensor_parallel, **sampling))
+        return 0
+
+    return run_or_exit_2(load) or converse(generator[0])
 
 
 def converse(generator) -> int:

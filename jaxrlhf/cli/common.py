@@ -4,6 +4,7 @@ arguments, and one way to turn an error into `error: <one line>` and exit code 2
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -17,19 +18,34 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
-    """An argparse type: a number of `kind` that is >= minimum."""
+def number(kind: type = int, low: float = -math.inf, high: float = math.inf, low_open: bool = False):
+    """An argparse type: a number of `kind` in [low, high], or (low, high] when `low_open`."""
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        if value < low or (low_open and value == low) or value > high or math.isnan(value):
+            opening = "(" if low_open else "["
+            wanted = f"> {low}" if low_open else f">= {low}"
+            if high != math.inf:
+                wanted = f"in {opening}{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
         return value
 
     return parse
+
+
+def require_model_dir(path: str) -> None:
+    """Refuses, before anything loads, a model directory a tool cannot load: missing, without
+    config.json (or of an unsupported architecture), or without tokenizer files."""
+    from jaxrlhf.models import DecoderConfig
+    from jaxrlhf.models.hf_io import has_tokenizer, read_hf_config
+
+    DecoderConfig.from_hf(read_hf_config(path))
+    if not has_tokenizer(path):
+        raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
 
 
 def run_or_exit_2(body: Callable[[], int]) -> int:

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxrlhf.cli.common import Parser, at_least, run_or_exit_2
+from jaxrlhf.cli.common import Parser, number, require_model_dir, run_or_exit_2
 from jaxrlhf.data.builtin import BUILTIN
 from jaxrlhf.data.records import Record
 from jaxrlhf.data.sources import LAYOUT_NAMES, load_source
@@ -52,15 +52,37 @@ def score_pairs(
     return np.concatenate(chosen), np.concatenate(rejected) if has_rejected else None
 
 
-def load_pairs_strict(path: str, layout: str) -> list[Record]:
-    """Pairs from a file; any malformed row is an error naming the file and row."""
+def load_pairs_strict(path: str, layout: str) -> tuple[list[Record], int]:
+    """Pairs from a file, and how many rows the layout dropped as tied (equal labels); any
+    malformed row is an error naming the file and row."""
     source = argparse.Namespace(path=path, layout=layout, weight=1.0)
     records, report = load_source(source, seed=0)
     if report.bad_total:
         raise ValueError(f"{report.examples[0]} ({report.bad_total} malformed rows in all)")
     if any(r.rejected is None for r in records):
         raise ValueError(f"{path}: layout {layout!r} has no rejected responses; rw_eval needs pairs")
-    return records
+    return records, report.ties_dropped
+
+
+def pair_accuracy(path: str, records: list[Record], chosen, rejected, dropped: int) -> str:
+    """The accuracy line: a tie (identical chosen and rejected text, or equal scores) is neither
+    right nor wrong, so it is counted apart, with a warning on stderr naming the first ones."""
+    identical = np.array([r.chosen == r.rejected for r in records])
+    ties = identical | (chosen == rejected)
+    decided = int((~ties).sum())
+    if ties.any() or dropped:
+        first = ", ".join(str(i + 1) for i in np.flatnonzero(ties)[:5])
+        print(
+            f"warning: {path}: {int(ties.sum())} tie pairs ({int(identical.sum())} with identical chosen and "
+            f"rejected text, the rest scored equal; first pairs {first or '-'}), counted apart from accuracy"
+            + (f"; {dropped} rows with tied labels dropped on load" if dropped else ""),
+            file=sys.stderr,
+        )
+    accuracy = f"{np.mean((chosen > rejected)[~ties]):.4f}" if decided else "n/a"
+    return (
+        f"{len(records)} pairs from {path}: accuracy {accuracy} over {decided} decided pairs, {int(ties.sum())} "
+        f"ties; chosen mean {chosen.mean():.4f}, rejected mean {rejected.mean():.4f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", default="rm-static", choices=[name for name in LAYOUT_NAMES if name != BUILTIN])
     parser.add_argument("--prompt", action="append", default=[], help="a prompt to score (with --response)")
     parser.add_argument("--response", action="append", default=[], help="the response to --prompt")
-    parser.add_argument("--max-seq-len", type=at_least(2), default=512)
+    parser.add_argument("--max-seq-len", type=number(int, low=2), default=512)
     parser.add_argument(
         "--allow-untrained-head",
         action="store_true",
@@ -84,15 +106,13 @@ def evaluate(args) -> int:
     """Scores the pairs file (accuracy) or the given prompt/response examples."""
     if len(args.prompt) != len(args.response):
         raise ValueError("give --prompt and --response the same number of times")
+    require_model_dir(args.model_dir)
     if args.pairs:
-        records = load_pairs_strict(args.pairs, args.layout)
+        records, dropped = load_pairs_strict(args.pairs, args.layout)
         chosen, rejected = score_pairs(
             args.model_dir, records, args.max_seq_len, allow_untrained_head=args.allow_untrained_head
         )
-        print(
-            f"{len(records)} pairs from {args.pairs}: accuracy {np.mean(chosen > rejected):.4f}, "
-            f"chosen mean {chosen.mean():.4f}, rejected mean {rejected.mean():.4f}"
-        )
+        print(pair_accuracy(args.pairs, records, chosen, rejected, dropped))
         return 0
     examples = list(zip(args.prompt, args.response)) or EXAMPLES
     scores, _ = score_pairs(

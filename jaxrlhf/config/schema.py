@@ -7,6 +7,7 @@ before any work starts. Loading (YAML, presets, overrides) is in `jaxrlhf.config
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -51,6 +52,12 @@ class RunConfig:
             f"must be distinct and in pipeline order {', '.join(PIPELINE)}, got {', '.join(self.steps)}",
         )
         require(bool(self.output_dir), "output_dir", "is empty")
+        require(  # metrics, checkpoints, exports, config and lock are written with os and pathlib
+            not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", self.output_dir),
+            "output_dir",
+            f"{self.output_dir} is a remote path; remote output directories are not supported yet: write to a "
+            "local or mounted path (e.g. gcsfuse) and copy",
+        )
         require(
             not os.path.exists(self.output_dir) or os.path.isdir(self.output_dir),
             "output_dir",

@@ -38,6 +38,15 @@ class BadRecordReport:
     def bad_total(self) -> int:
         return sum(self.bad.values())
 
+    def malformed(self) -> str:
+        """The bad rows in one line: "37 rows were malformed (30 x not valid JSON ...; first: f:3: ...)"."""
+        if not self.bad_total:
+            return "no row was malformed"
+        reasons = ", ".join(f"{count} x {reason}" for reason, count in self.bad.most_common(3))
+        more = ", ..." if len(self.bad) > 3 else ""
+        rows = "1 row was" if self.bad_total == 1 else f"{self.bad_total} rows were"
+        return f"{rows} malformed ({reasons}{more}; first: {', '.join(self.examples[:3])})"
+
     def merge(self, other: "BadRecordReport") -> "BadRecordReport":
         """A new report summing this one and `other` (examples keep the first few of both)."""
         return BadRecordReport(

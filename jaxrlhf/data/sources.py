@@ -2,10 +2,10 @@
 
 A source is any object with `path: str`, `layout: str` and `weight: float` (the config's
 `DataSourceConfig`). JSON Lines (.jsonl, or .json with an object per line) and JSON arrays
-(.json) are read line by line; .parquet files and directories written by `Dataset.save_to_disk`
-(a saved `DatasetDict` contributes its "train" split) through the `datasets` library. Text
-formats follow DeepSpeed-Chat's raw_datasets.py: prompts end in "Assistant:" and responses
-start with a space.
+(.json, or a .jsonl holding one array) are read line by line, a leading UTF-8 BOM ignored;
+.parquet files and directories written by `Dataset.save_to_disk` (a saved `DatasetDict`
+contributes its "train" split) through the `datasets` library. Text formats follow
+DeepSpeed-Chat's raw_datasets.py: prompts end in "Assistant:" and responses start with a space.
 
 Rows that cannot become a record (malformed JSON, bytes that are not UTF-8, a missing or null
 field, empty text, a wrong type) are skipped and counted in a `BadRecordReport` with their
@@ -143,15 +143,30 @@ def _rows(path: str) -> Iterator[tuple[int, dict | BadRecord]]:
     if not path.endswith((".json", ".jsonl")):
         raise ValueError(f"{path}: unsupported file type; use .json, .jsonl, .parquet or a save_to_disk directory")
     with open(path, "rb") as f:
-        data = f.read()
+        data = f.read().removeprefix(b"\xef\xbb\xbf")  # the UTF-8 BOM that Windows tools write
     if not data.strip():
         raise ValueError(f"{path}: empty file")
-    if path.endswith(".json") and data.lstrip()[:1] == b"[":
+    if _holds_one_array(path, data):
         yield from _json_array_rows(path, data)
         return
     for number, line in enumerate(data.splitlines(), start=1):
         if line.strip():
             yield number, _json_object(line)
+
+
+def _holds_one_array(path: str, data: bytes) -> bool:
+    """Whether a file is one JSON array: a .json that starts with "[", or a .jsonl that does (a tool
+    wrote an array where JSON Lines was expected) unless its first line is a whole value of its own."""
+    if data.lstrip()[:1] != b"[":
+        return False
+    lines = [line for line in data.splitlines() if line.strip()]
+    if path.endswith(".json") or len(lines) == 1:
+        return True
+    try:
+        json.loads(lines[0])
+    except ValueError:  # "[" alone, or "[{...}," on the first line: an array spread over lines
+        return True
+    return False
 
 
 def _json_object(line: bytes) -> dict | BadRecord:
@@ -237,8 +252,9 @@ def load_source(source: DataSource, seed: int) -> tuple[list[Record], BadRecordR
             records.append(record)
     report.kept = len(records)
     if not records:
+        ties = f", {report.ties_dropped} ties dropped" if report.ties_dropped else ""
         raise ValueError(
-            f"{source.path}: no valid record for layout {source.layout!r} "
-            f"(fields {', '.join(layout.columns)}): {report}"
+            f"{source.path}: no valid record for layout {source.layout!r} (fields {', '.join(layout.columns)}): "
+            f"0 records of {report.rows} rows{ties}; {report.malformed()}"
         )
     return records, report

@@ -101,7 +101,10 @@ def step_records(
             step_slice = step_slice[:cut]
         train += _weighted_sample(step_slice, source.weight, rng)
     if not train:
-        raise ValueError(f"data_split {data_split!r} leaves no training records for step {step!r}")
+        raise ValueError(
+            f"data_split {data_split!r} leaves no training records for step {step!r}: 0 records of "
+            f"{report.rows} rows read; {report.malformed()}"
+        )
 
     mixed_order = np.random.default_rng([seed, step_index]).permutation(len(train))
     train = [train[row] for row in mixed_order]

@@ -78,15 +78,18 @@ MAX_DROPPED_FRACTION = 0.5
 
 
 def _count_dropped(arrays: dict[str, np.ndarray], total: int, kind: str, why: str, max_dropped: float):
-    """Pops the cached drop count, reports it, and refuses a set where too much was dropped."""
+    """Pops the cached drop counts, reports them, and refuses a set where too much was dropped.
+    `identical` (preference pairs only) counts the dropped pairs whose two texts were the same in the data."""
     dropped = int(arrays.pop("dropped", np.zeros(1))[0])  # caches written before drops were counted lack it
+    identical = int(arrays.pop("identical", np.zeros(1))[0])
+    causes = [f"{dropped - identical} of {total} {kind} rows {why}"] if dropped > identical else []
+    if identical:
+        causes.append(f"{identical} of {total} {kind} rows have the same chosen and rejected text in the data")
     if dropped and dropped > max_dropped * total:
-        raise ValueError(
-            f"{dropped} of {total} {kind} rows {why} (more than {max_dropped:.0%}): raise max_seq_len "
-            "or shorten the prompts"
-        )
-    if dropped:
-        print(f"[data] {dropped} of {total} {kind} rows {why}: dropped", flush=True)
+        fix = "raise max_seq_len or shorten the prompts" if dropped > 2 * identical else "fix the data"
+        raise ValueError(f"{'; '.join(causes)} (more than {max_dropped:.0%}): {fix}")
+    for cause in causes:
+        print(f"[data] {cause}: dropped", flush=True)
     return arrays
 
 
@@ -211,8 +214,8 @@ def tokenize_pairs(
     [pairs, max_seq_len], right padded and cut to `max_seq_len` (keeping the start); with
     `answer_masks` (DPO) also {chosen,rejected}_loss_mask, 1 on each answer and its EOS. A pair
     whose two sides are the same after the cut compares nothing, and with `answer_masks` one
-    whose side lost its whole answer says nothing: it is dropped and counted, and more than
-    `max_dropped` of them is an error.
+    whose side lost its whole answer says nothing: it is dropped and counted (pairs whose two texts
+    were already the same in the data counted apart), and more than `max_dropped` of them is an error.
     """
     _check_records(records)
     for index, record in enumerate(records):
@@ -246,7 +249,8 @@ def tokenize_pairs(
             if (not drop_identical or chosen[row][0] != rejected[row][0])
             and (not answer_masks or (any(chosen[row][1]) and any(rejected[row][1])))
         ]
-        arrays = {"dropped": np.array([len(records) - len(kept)])}
+        same_text = sum(record.chosen == record.rejected for record in records) if drop_identical else 0
+        arrays = {"dropped": np.array([len(records) - len(kept)]), "identical": np.array([same_text])}
         for side, rows in sides.items():
             padded = _right_padded([rows[row] for row in kept], max_seq_len, pad)
             arrays[f"{side}_ids"], arrays[f"{side}_mask"] = padded["input_ids"], padded["attention_mask"]

@@ -6,7 +6,8 @@ cache) on the configured mesh, and the remat and gradient accumulation `remat: a
 Reads each model's config.json only. `--devices N` plans for N devices (simulated CPU devices
 for `--compile`); `--compile` also compiles the real jitted programs from shapes (SFT, RM and
 DPO steps; PPO generate, experience and update) and prints XLA's memory_analysis() beside the
-estimate. Exits 2 with a one-line reason when a step cannot fit the device memory.
+estimate. Exits 2 with a one-line reason on bad input (config file, key, model directory), when
+a step cannot fit the device memory, or when its batch sizes would be refused by train's preflight.
 """
 
 from __future__ import annotations
@@ -27,11 +28,36 @@ def parse_flags(argv: list[str]) -> tuple[list[str], dict]:
         else:
             rest.append(argv[i])
         i += 1
+    dangling = [flag for flag in ("--devices", "--json") if flag in rest]
+    if dangling:
+        refuse(f"{dangling[0]} needs a value")
     if flags["devices"] is not None:
         if not flags["devices"].isdigit() or int(flags["devices"]) < 1:
-            sys.exit(f"error: --devices must be a positive integer, got {flags['devices']!r}")
+            refuse(f"--devices must be a positive integer, got {flags['devices']!r}")
         flags["devices"] = int(flags["devices"])
     return rest, flags
+
+
+def refuse(message: str):
+    """`error: <one line>` on stderr and exit code 2, as the config loader does."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def batch_size_refusals(config, plans, devices) -> list[str]:
+    """What train's preflight says of the batch sizes, as planned (gradient accumulation
+    resolved), on these devices' mesh: [] when every batch divides over them."""
+    from jaxrlhf.parallel import make_mesh
+    from jaxrlhf.plan.planner import resolved
+    from jaxrlhf.preflight import check_batch_sizes
+    from jaxrlhf.run_context import RunContext
+
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+    try:
+        check_batch_sizes(RunContext(resolved(config, plans), mesh, logger=None))
+    except ValueError as error:
+        return [str(error)]
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     devices = jax.devices()[: flags["devices"]] if flags["devices"] else jax.devices()
     try:
         plans = plan_for_devices(config, devices)
+        refusals = batch_size_refusals(config, plans, devices)
     except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        refuse(error)
     for plan in plans:
         print(plan.table(), flush=True)
     results = {
@@ -65,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         for plan in plans
     }
-    if flags["compile"]:
+    if flags["compile"] and not refusals:  # steps the preflight would refuse are not compiled
         print(f"dry run: compiling from shapes on {len(devices)} {devices[0].platform} device(s) ...", flush=True)
         for step, phase, xla, estimate in dry_run_rows(config, plans, devices):
             print(
@@ -76,16 +102,20 @@ def main(argv: list[str] | None = None) -> int:
             results[step].setdefault("dry_run_gib", {})[phase] = xla / 2**30
             results[step].setdefault("estimate_same_platform_gib", {})[phase] = estimate / 2**30
     if flags["json"]:
-        with open(flags["json"], "w") as f:
-            json.dump(results, f, indent=1)
-    unfit = [plan for plan in plans if not plan.fits]
-    for plan in unfit:
-        print(
-            f"error: step {plan.step} needs {plan.peak / 2**30:.1f} GiB per device at best ({plan.choice()}), "
-            f"more than the {plan.budget / 2**30:.1f} GiB usable",
-            file=sys.stderr,
-        )
-    return 2 if unfit else 0
+        try:
+            with open(flags["json"], "w") as f:
+                json.dump(results, f, indent=1)
+        except OSError as error:
+            refuse(f"--json {flags['json']}: {error.strerror}")
+    refusals += [
+        f"step {plan.step} needs {plan.peak / 2**30:.1f} GiB per device at best ({plan.choice()}), "
+        f"more than the {plan.budget / 2**30:.1f} GiB usable"
+        for plan in plans
+        if not plan.fits
+    ]
+    for refusal in refusals:
+        print(f"error: {refusal}", file=sys.stderr)
+    return 2 if refusals else 0
 
 
 if __name__ == "__main__":

@@ -319,8 +319,10 @@ def summary_values(algorithm: str, sft_eval: dict, ppo_eval: dict) -> dict:
 
 
 def require_kept_rows(stats: dict, iteration: int) -> None:
-    """Stops a run that trains on nothing: every answer of the iteration was dropped."""
-    if stats["kept_fraction"] == 0:
+    """Stops a run that trains on nothing: every answer of the iteration was dropped for being too
+    short. Groups dropped by dynamic sampling (all their rewards equal) are a batch with no signal,
+    not a broken setting: that iteration just teaches nothing."""
+    if stats["kept_fraction"] == 0 and stats.get("uniform_group_share", 0.0) < 1.0:
         raise ValueError(
             f"[ppo] iteration {iteration}: every answer was dropped (answers of one token or less are dropped), "
             "so nothing trains; raise ppo.max_answer_seq_len or generation.min_new_tokens, or set "
