@@ -315,7 +315,7 @@ def test_chat_arguments_out_of_range_are_one_line(capsys):
 
     for argv, message in (
         (["m", "--max-new-tokens", "-5"], "--max-new-tokens: must be >= 1, got -5"),
-        (["m", "--temperature", "-1"], "--temperature: must be >= 0.0, got -1"),
+        (["m", "--temperature", "-1"], "--temperature: must be > 0.0, got -1"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             chat.main(argv)
