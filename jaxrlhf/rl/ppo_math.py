@@ -171,25 +171,14 @@ def actor_loss(logprobs, old_logprobs, advantages, mask, *, cliprange, dual_clip
     approx_kl (k3 estimate of KL(old || new), i.e. mean of (ratio - 1) - log ratio),
     ratio_mean; plus dual_clipfrac when dual_clip is set.
     """
-    if dual_clip is not None and dual_clip <= 1.0:
-        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    from jaxrlhf.rl.policy_loss import clipped_surrogate  # the one implementation (it imports this module)
+
     mask = jnp.asarray(mask, jnp.float32)
-    advantages = jnp.asarray(advantages, jnp.float32)
-    log_ratio = mask * (jnp.asarray(logprobs, jnp.float32) - jnp.asarray(old_logprobs, jnp.float32))
-    ratio = jnp.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * jnp.clip(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    per_token = jnp.maximum(unclipped, clipped)
-    stats = {
-        "clipfrac": masked_mean(clipped > unclipped, mask),
-        "approx_kl": masked_mean(jnp.expm1(log_ratio) - log_ratio, mask),
-        "ratio_mean": masked_mean(ratio, mask),
-    }
-    if dual_clip is not None:
-        dual_bound = -dual_clip * advantages  # = dual_clip * |A| where A < 0
-        dual_active = (advantages < 0) & (per_token > dual_bound)
-        per_token = jnp.where(dual_active, dual_bound, per_token)
-        stats["dual_clipfrac"] = masked_mean(dual_active, mask)
+    per_token, indicators = clipped_surrogate(
+        logprobs, old_logprobs, advantages, mask, clip_low=cliprange, clip_high=cliprange, dual_clip=dual_clip
+    )
+    names = {"clipfrac": "clipfrac", "approx_kl": "approx_kl", "ratio": "ratio_mean", "dual_clipfrac": "dual_clipfrac"}
+    stats = {names[name]: masked_mean(value, mask) for name, value in indicators.items()}
     return masked_mean(per_token, mask), stats
 
 
