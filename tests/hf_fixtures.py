@@ -67,19 +67,43 @@ def tiny_hf_configs():
             do_layer_norm_before=False,
             pad_token_id=1,
         ),
+        # GPT-NeoX / Pythia: head_dim 16, rotary on 4 (0.25) or 8 (0.5) of each head
+        "neox_parallel_rot25": transformers.GPTNeoXConfig(
+            **{**common, "num_attention_heads": 4}, rotary_pct=0.25, use_parallel_residual=True
+        ),
+        "neox_sequential_rot50": transformers.GPTNeoXConfig(
+            **{**common, "num_attention_heads": 4}, rotary_pct=0.5, use_parallel_residual=False, attention_bias=False
+        ),
+        "gpt2": transformers.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=64,
+            n_inner=96,
+            n_layer=2,
+            n_head=8,
+            n_positions=128,
+            layer_norm_epsilon=1e-6,
+            bos_token_id=0,
+            eos_token_id=2,
+        ),
     }
 
 
-def save_tiny_model(name: str, directory: str, seed: int = 0) -> str:
-    """Random weights (std large enough that logits differ meaningfully), saved by transformers."""
+def save_tiny_model(name: str, directory: str, seed: int = 0, centred_biases: bool = False) -> str:
+    """Random weights (std large enough that logits differ meaningfully), saved by transformers.
+    Vectors are drawn from [0.5, 1.5]; with `centred_biases` every bias from N(0, 0.1) instead
+    (norm weights stay), so that biases on every projection (GPT-NeoX, GPT-2) do not swamp the
+    tokens and greedy answers vary."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(tiny_hf_configs()[name]).eval()
     with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.1) if param.ndim > 1 else param.uniform_(0.5, 1.5)
+        for param_name, param in model.named_parameters():
+            if param.ndim > 1 or (centred_biases and param_name.endswith("bias")):
+                param.normal_(0.0, 0.1)
+            else:
+                param.uniform_(0.5, 1.5)
     path = os.path.join(directory, name)
     model.save_pretrained(path)
     return path

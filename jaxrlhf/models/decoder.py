@@ -43,7 +43,7 @@ def attention_mask_4d(key_valid, query_slots, key_slots, sliding_window: int | N
 
 
 class Decoder(nnx.Module):
-    """Token (and OPT position) embeddings, the blocks, the final norm.
+    """Token (and learned position: OPT, GPT-2) embeddings, the blocks, the final norm.
 
     With `config.scan_layers` (training) the blocks' weights are stacked on a leading "layers"
     axis and run by one `lax.scan`, so compile time does not grow with depth. Without it

@@ -3,7 +3,8 @@
 Loading places each tensor straight into its target sharding: every device copies only its own
 slice out of the memory-mapped file (`jax.make_array_from_callback`), so no device, and no host
 buffer, ever holds the whole model. Per-layer HF tensors are stacked onto our leading "layers"
-axis on the way in and split again on the way out.
+axis on the way in and split again on the way out. Which HF tensor holds which parameter, and
+how (transposed, fused with others), is the family's weight map (`jaxrlhf.models.families`).
 """
 
 from __future__ import annotations
@@ -19,93 +20,27 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from jaxrlhf.checkpoint import NonFiniteValues
 from jaxrlhf.models.checks import check_finite, pad_rows, vocab_rows
-from jaxrlhf.models.config import LLAMA_FAMILY, DecoderConfig
+from jaxrlhf.models.config import DecoderConfig
 from jaxrlhf.models.decoder import CausalLM, ValueModel
+from jaxrlhf.models.families import family
+from jaxrlhf.models.families.base import LAYERS, Path, Tensor, View
 from jaxrlhf.models.layers import LoraParam
 from jaxrlhf.models.safetensors_io import index_checkpoint, write_safetensors
 from jaxrlhf.parallel.mesh import barrier, to_host
 from jaxrlhf.parallel.rules import TRAINING_RULES, Rules, state_shardings
 
-# Our module names -> the family's names in HF state dicts.
-_RENAMES = {
-    "llama": {
-        "decoder": "model",
-        "value_head": "score",
-        "attn": "self_attn",
-        "final_norm": "norm",
-        "attn_norm": "input_layernorm",
-        "mlp_norm": "post_attention_layernorm",
-    },
-    "opt": {
-        "decoder": "model.decoder",
-        "value_head": "score",
-        "attn": "self_attn",
-        "mlp": None,
-        "o_proj": "out_proj",
-        "up_proj": "fc1",
-        "down_proj": "fc2",
-        "final_norm": "final_layer_norm",
-        "attn_norm": "self_attn_layer_norm",
-        "mlp_norm": "final_layer_norm",
-    },
-}
-_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
-_FAMILY_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "opt": "OPT"}
 # Parameters a checkpoint may lack, e.g. the value head of a critic started from a causal LM.
 _OPTIONAL = {("value_head", "kernel")}
+_VOCAB_TABLES = {("decoder", "embed_tokens"), ("lm_head",)}
 
 
-def hf_tensor_name(path: tuple[str, ...], model_type: str) -> str:
-    """('decoder', 'layers', 'attn', 'q_proj', 'kernel') -> 'model.layers.{i}.self_attn.q_proj.weight'."""
-    renames = _RENAMES["llama" if model_type in LLAMA_FAMILY else model_type]
-    *modules, leaf = path
-    parts = [renames.get(m, m) + (".{i}" if m == "layers" else "") for m in modules if renames.get(m, m)]
-    parts.append(_LEAVES.get(leaf, leaf + ".weight"))
-    return ".".join(parts)
+def weight_map(config: DecoderConfig) -> dict[Path, tuple[Tensor, View]]:
+    """Each parameter path of ours -> the HF tensor holding it and its view (the family's weight map)."""
+    return {path: (tensor, view) for tensor in family(config.model_type).weights(config) for path, view in tensor.parts}
 
 
-def _kernel_layout(path, shape):
-    """For a Dense kernel (*in, *out) stored by torch as [prod(out), prod(in)]: (in_dims, out_dims)."""
-    if path[-1] == "kernel":
-        in_ndim = 2 if path[-2] == "o_proj" else 1
-        return shape[:in_ndim], shape[in_ndim:]
-    if path[-1] == "lm_head":
-        return shape[:1], shape[1:]
-    if path[-1] == "bias" and len(shape) > 1:  # per-head bias [heads, head_dim], flat in HF
-        return (), shape
-    return None
-
-
-def _to_ours(hf_array: np.ndarray, layout) -> np.ndarray:
-    """HF layout -> ours, as a view (no copy), so slicing it reads only the slice."""
-    if layout is None:
-        return hf_array
-    in_dims, out_dims = layout
-    if not in_dims:
-        return hf_array.reshape(out_dims)
-    w = hf_array.reshape(*out_dims, *in_dims)
-    n_out = len(out_dims)
-    return w.transpose(*range(n_out, n_out + len(in_dims)), *range(n_out))
-
-
-def _to_hf(array: np.ndarray, layout) -> np.ndarray:
-    if layout is None:
-        return array
-    in_dims, out_dims = layout
-    if not in_dims:
-        return array.reshape(-1)
-    n_in = len(in_dims)
-    w = array.transpose(*range(n_in, n_in + len(out_dims)), *range(n_in))
-    return w.reshape(int(np.prod(out_dims)), int(np.prod(in_dims)))
-
-
-def _hf_shape(our_shape, layout):
-    if layout is None:
-        return tuple(our_shape)
-    in_dims, out_dims = layout
-    if not in_dims:
-        return (int(np.prod(out_dims)),)
-    return (int(np.prod(out_dims)), int(np.prod(in_dims)))
+def _is_stacked(path: Path) -> bool:
+    return path[: len(LAYERS)] == LAYERS
 
 
 def read_hf_config(path: str) -> dict:
@@ -146,12 +81,14 @@ def load_pretrained(
     which trains it) or "warn" (a critic deliberately started from a language model)."""
     hf, settings = read_hf_config(path), dict(dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
     config = DecoderConfig.from_hf(hf, **settings)
-    refs = index_checkpoint(path)
+    refs = _with_prefix(index_checkpoint(path), family(config.model_type).PREFIX)
+    tensors = weight_map(config)
     rows = vocab_rows(path, config.vocab_size, tokenizer_size(path), resize_embeddings)
     if rows > config.vocab_size:
-        refs = _padded_vocab(refs, config.model_type, rows)
         config = DecoderConfig.from_hf({**hf, "vocab_size": rows}, **settings)
-    head = hf_tensor_name(("value_head", "kernel"), config.model_type)
+        refs = _padded_vocab(refs, [tensors[p][0].name for p in _VOCAB_TABLES if p in tensors], rows)
+        tensors = weight_map(config)
+    head = tensors[("value_head", "kernel")][0].name
     if model_cls is ValueModel and head not in refs:
         if untrained_head == "refuse":
             raise ValueError(
@@ -164,7 +101,7 @@ def load_pretrained(
     shardings = state_shardings(abstract, rules, mesh) if mesh is not None else None
     flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
     plan = [(p, v) for p, v in nnx.to_flat_state(abstract) if not isinstance(v, LoraParam)]
-    _check_tensors(plan, refs, config, path)
+    _check_tensors(plan, tensors, refs, config, path)
 
     loaded, placed = [], []
     for param_path, variable in plan:
@@ -173,17 +110,24 @@ def load_pretrained(
         else:
             sharding = SingleDeviceSharding(jax.local_devices()[0])
         abstract_value = variable.get_value()
-        if param_path in _OPTIONAL and hf_tensor_name(param_path, config.model_type) not in refs:
+        tensor, view = tensors[param_path]
+        if param_path in _OPTIONAL and tensor.name not in refs:
             array = jax.device_put(np.zeros(abstract_value.shape, abstract_value.dtype), sharding)
         else:
-            array = _place(param_path, abstract_value, refs, config, sharding)
-            stacked = param_path[:2] == ("decoder", "layers")
-            placed.append(
-                (hf_tensor_name(param_path, config.model_type), array, config.num_layers if stacked else None)
-            )
+            layers = config.num_layers if _is_stacked(param_path) else None
+            array = _place(abstract_value, refs, tensor.name, view, layers, sharding)
+            placed.append((tensor.name, array, layers))
         loaded.append((param_path, variable.replace(value=array)))
     check_finite(path, placed)
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+
+
+def _with_prefix(refs: dict, prefix: str) -> dict:
+    """A checkpoint saved from the base model (GPT2Model rather than GPT2LMHeadModel, as on the
+    Hub) names its tensors without the family's prefix: read them as if it had it."""
+    if any(name.startswith(prefix) for name in refs):
+        return refs
+    return {prefix + name: ref for name, ref in refs.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,47 +144,37 @@ class _InMemory:
         return self.value
 
 
-def _padded_vocab(refs: dict, model_type: str, rows: int) -> dict:
-    """`refs` with the embedding table (and an untied LM head) padded to `rows` tokens."""
-    names = {hf_tensor_name(("decoder", "embed_tokens"), model_type), hf_tensor_name(("lm_head",), model_type)}
+def _padded_vocab(refs: dict, names: list[str], rows: int) -> dict:
+    """`refs` with the vocabulary tables `names` (HF [vocab, dim]) padded to `rows` tokens."""
     return {name: _InMemory(pad_rows(ref.array(), rows)) if name in names else ref for name, ref in refs.items()}
 
 
-def _check_tensors(plan, refs, config: DecoderConfig, path: str):
-    for param_path, variable in plan:
-        shape = variable.get_value().shape
-        stacked = param_path[:2] == ("decoder", "layers")
-        name = hf_tensor_name(param_path, config.model_type)
-        if param_path in _OPTIONAL and name not in refs:
+def _check_tensors(plan, tensors, refs, config: DecoderConfig, path: str):
+    """Every parameter has a tensor of the family's shape in the checkpoint (one per layer if stacked)."""
+    for param_path, _ in plan:
+        if param_path not in tensors:
+            raise ValueError(f"{config.model_type}: no HF tensor holds parameter {'.'.join(param_path)}")
+        tensor, _ = tensors[param_path]
+        if param_path in _OPTIONAL and tensor.name not in refs:
             continue
-        expected = _hf_shape(
-            shape[1:] if stacked else shape, _kernel_layout(param_path, shape[1:] if stacked else shape)
-        )
-        for layer in range(config.num_layers) if stacked else [None]:
-            tensor = name.format(i=layer)
-            if tensor not in refs:
-                raise ValueError(f"{path}: missing tensor {tensor}")
-            if refs[tensor].shape != expected:
-                raise ValueError(f"{path}: tensor {tensor} has shape {refs[tensor].shape}, expected {expected}")
+        for layer in range(config.num_layers) if _is_stacked(param_path) else [None]:
+            name = tensor.name.format(i=layer)
+            if name not in refs:
+                raise ValueError(f"{path}: missing tensor {name}")
+            if refs[name].shape != tensor.shape:
+                raise ValueError(f"{path}: tensor {name} has shape {refs[name].shape}, expected {tensor.shape}")
 
 
-def _place(param_path, abstract, refs, config: DecoderConfig, sharding):
-    """One parameter as a global jax.Array; each device's callback reads only its own slice."""
-    stacked = param_path[:2] == ("decoder", "layers")
-    name = hf_tensor_name(param_path, config.model_type)
-    layer_shape = abstract.shape[1:] if stacked else abstract.shape
-    layout = _kernel_layout(param_path, layer_shape)
+def _place(abstract, refs, name: str, view: View, layers: int | None, sharding):
+    """One parameter as a global jax.Array; each device's callback reads only its own slice: the
+    view of the memory-mapped HF tensor, indexed, is copied only by np.asarray. With `layers`,
+    the parameter is stacked [layers, ...] from the per-layer tensors `name.format(i=...)`."""
+    read = lambda name, index: np.asarray(view(refs[name].array())[index], dtype=abstract.dtype)
+    if layers is None:
+        return jax.make_array_from_callback(abstract.shape, sharding, lambda index: read(name, index))
 
     def read_slice(index):
-        if not stacked:
-            return np.asarray(_to_ours(refs[name].array(), layout)[index], dtype=abstract.dtype)
-        layers = range(config.num_layers)[index[0]]
-        return np.stack(
-            [
-                np.asarray(_to_ours(refs[name.format(i=i)].array(), layout)[index[1:]], dtype=abstract.dtype)
-                for i in layers
-            ]
-        )
+        return np.stack([read(name.format(i=i), index[1:]) for i in range(layers)[index[0]]])
 
     return jax.make_array_from_callback(abstract.shape, sharding, read_slice)
 
@@ -255,12 +189,12 @@ def save_pretrained(model, path: str, dtype: str | None = None, extra_config: di
     """Writes model.safetensors + config.json that transformers' from_pretrained loads
     (AutoModelForCausalLM for a CausalLM, AutoModelForSequenceClassification for a ValueModel).
     LoRA adapters are merged into their kernels; `dtype` (default: the parameter dtype) sets
-    the stored precision. Only process 0 writes; every process must call it (gathers)."""
+    the stored precision. A fused HF tensor (GPT-NeoX's query_key_value, GPT-2's c_attn) is
+    joined from its parameters. Only process 0 writes; every process must call it (gathers)."""
     config: DecoderConfig = model.config
     out_dtype = np.dtype(dtype or config.param_dtype)
-    state = nnx.state(model, nnx.Param)
-    tensors = []
-    for param_path, variable in nnx.to_flat_state(state):
+    values = {}
+    for param_path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if isinstance(variable, LoraParam):
             continue
         if param_path[-1] == "kernel":  # LoRA adapters, if any, folded in
@@ -269,34 +203,44 @@ def save_pretrained(model, path: str, dtype: str | None = None, extra_config: di
             value = to_host(variable.get_value())
         if not np.isfinite(value).all():
             raise NonFiniteValues(f"refusing to export {path}: {'.'.join(map(str, param_path))} holds a NaN or inf")
-        stacked = param_path[:2] == ("decoder", "layers")
-        name = hf_tensor_name(param_path, config.model_type)
-        layout = _kernel_layout(param_path, value.shape[1:] if stacked else value.shape)
-        if stacked:
-            for i in range(config.num_layers):
-                hf = _to_hf(value[i], layout)
-                tensors.append((name.format(i=i), hf.shape, out_dtype, lambda hf=hf: hf))
-        else:
-            hf = _to_hf(value, layout)
-            tensors.append((name, hf.shape, out_dtype, lambda hf=hf: hf))
+        values[param_path] = value
+    tensors = []
+    for tensor in family(config.model_type).weights(config):
+        present = [param_path in values for param_path, _ in tensor.parts]
+        if not any(present):
+            continue
+        if not all(present):
+            raise ValueError(f"{tensor.name}: the model has only some of the parameters it joins")
+        layers = range(config.num_layers) if _is_stacked(tensor.parts[0][0]) else [None]
+        for i in layers:
+            join = lambda tensor=tensor, i=i: _join(tensor, values, i, out_dtype)
+            tensors.append((tensor.name.format(i=i), tensor.shape, out_dtype, join))
     if jax.process_index() != 0:
         return
     os.makedirs(path, exist_ok=True)
     write_safetensors(os.path.join(path, "model.safetensors"), sorted(tensors, key=lambda t: t[0]))
-    hf_config = config.hf_dict()
-    family = _FAMILY_NAMES[config.model_type]
+    causal_lm, sequence_classification = family(config.model_type).ARCHITECTURES[config.model_type]
+    hf_config = config.to_hf()
     if isinstance(model, ValueModel):
-        hf_config.update(
-            architectures=[f"{family}ForSequenceClassification"], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}
-        )
+        hf_config.update(architectures=[sequence_classification], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     else:
-        hf_config.update(architectures=[f"{family}ForCausalLM"])
-    hf_config.update(dtype=str(out_dtype), tie_word_embeddings=config.tie_word_embeddings, **(extra_config or {}))
+        hf_config.update(architectures=[causal_lm])
+    hf_config.update(dtype=str(out_dtype), **(extra_config or {}))
     hf_config.pop("torch_dtype", None)
     tmp = os.path.join(path, "config.json.tmp")
     with open(tmp, "w") as f:
         json.dump(hf_config, f, indent=2, sort_keys=True)
     os.replace(tmp, os.path.join(path, "config.json"))
+
+
+def _join(tensor: Tensor, values: dict, layer: int | None, dtype) -> np.ndarray:
+    """One HF tensor (of one layer) built from our parameters: each written through its view."""
+    out = np.empty(tensor.shape, dtype)
+    for param_path, view in tensor.parts:
+        target = view(out)
+        assert np.shares_memory(target, out), f"{tensor.name}: the view of {param_path} is a copy"
+        target[...] = values[param_path] if layer is None else values[param_path][layer]
+    return out
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

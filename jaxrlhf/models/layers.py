@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxrlhf.models.config import DecoderConfig
+from jaxrlhf.models.config import ACTIVATIONS, DecoderConfig
 
 
 class LoraParam(nnx.Param):
@@ -99,7 +99,7 @@ class Dense(nnx.Module):
 
 
 class Norm(nnx.Module):
-    """RMSNorm (LLaMA family) or LayerNorm (OPT), computed in float32."""
+    """RMSNorm (LLaMA family) or LayerNorm (OPT, GPT-NeoX, GPT-2), computed in float32."""
 
     def __init__(self, dim: int, config: DecoderConfig, rngs: nnx.Rngs | None, stack: int | None = None):
         self.kind, self.eps, self.compute_dtype = config.norm, config.norm_eps, config.compute_dtype
@@ -120,8 +120,8 @@ class Norm(nnx.Module):
 
 
 def rope_inverse_frequencies(config: DecoderConfig) -> jnp.ndarray:
-    """Per-pair rotation frequencies [head_dim // 2], with HF's linear and llama3 scalings."""
-    dim = config.head_dim
+    """Per-pair rotation frequencies [rope_dim // 2], with HF's linear and llama3 scalings."""
+    dim = config.rope_dim
     inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
     params = config.rope_parameters()
     rope_type = params.get("rope_type", "default")
@@ -140,14 +140,17 @@ def rope_inverse_frequencies(config: DecoderConfig) -> jnp.ndarray:
 
 
 def apply_rope(x, positions, inv_freq):
-    """Rotates the two halves of each head (HF's rotate_half convention). x: [batch, seq, heads, dim]."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, seq, dim/2]
+    """Rotates the two halves of the first 2 * len(inv_freq) dims of each head (HF's rotate_half
+    convention); the rest pass unrotated (GPT-NeoX's partial rotary). x: [batch, seq, heads, dim]."""
+    rot = 2 * inv_freq.shape[-1]
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, seq, rot/2]
     cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
     sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
-    x32 = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
+    x32 = x[..., :rot].astype(jnp.float32)
+    half = rot // 2
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    return (x32 * cos + rotated * sin).astype(x.dtype)
+    out = (x32 * cos + rotated * sin).astype(x.dtype)
+    return out if rot == x.shape[-1] else jnp.concatenate([out, x[..., rot:]], axis=-1)
 
 
 def attention(q, k, v, mask, implementation: str = "auto"):
@@ -207,7 +210,7 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU (gate_proj, up_proj, down_proj) or OPT's fc1 -> activation -> fc2."""
+    """SwiGLU (gate_proj, up_proj, down_proj) or a plain up_proj -> activation -> down_proj (OPT, GPT-NeoX, GPT-2)."""
 
     def __init__(self, config: DecoderConfig, rngs: nnx.Rngs, stack: int | None = None):
         e, m, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
@@ -215,7 +218,7 @@ class MLP(nnx.Module):
         self.gate_proj = dense(e, m, "embed", "mlp") if config.gated_mlp else None
         self.up_proj = dense(e, m, "embed", "mlp")
         self.down_proj = dense(m, e, "mlp", "embed")
-        self.activation = getattr(jax.nn, config.activation)
+        self.activation = ACTIVATIONS[config.activation]
 
     def __call__(self, x):
         hidden = (
@@ -227,7 +230,8 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    """Attention then MLP, each wrapped in a residual, with the norm before (default) or after."""
+    """Attention then MLP, each wrapped in a residual, with the norm before (default) or after;
+    or both side by side on the same input (GPT-NeoX's parallel residual)."""
 
     def __init__(self, config: DecoderConfig, rngs: nnx.Rngs, stack: int | None = None):
         self.attn_norm = Norm(config.hidden_size, config, rngs, stack)
@@ -235,11 +239,15 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = Norm(config.hidden_size, config, rngs, stack)
         self.mlp = MLP(config, rngs, stack)
         self.norm_before = config.norm_before_block
+        self.parallel = config.parallel_residual
 
     def __call__(self, x, attend):
         """x [b, t, e] -> (x, aux). `attend(attn, h) -> (out, aux)` runs the attention sub-block,
         the one place where training, prefill and a cached decode step differ (aux: e.g. the
         updated KV cache)."""
+        if self.parallel:  # x + attn(attn_norm(x)) + mlp(mlp_norm(x))
+            h, aux = attend(self.attn, self.attn_norm(x))
+            return x + h + self.mlp(self.mlp_norm(x)), aux
         h = self.attn_norm(x) if self.norm_before else x
         h, aux = attend(self.attn, h)
         x = x + h

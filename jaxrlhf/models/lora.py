@@ -5,15 +5,17 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrlhf.models.families import family
 from jaxrlhf.models.layers import Dense, LoraParam
-
-# OPT names its projections differently; targets may use either family's names.
-_TARGET_ALIASES = {"out_proj": "o_proj", "fc1": "up_proj", "fc2": "down_proj"}
 
 
 def apply_lora(model: nnx.Module, rank: int, alpha: float, target_modules, seed: int = 0) -> int:
-    """Adds adapters to every Dense whose attribute name is in `target_modules`; returns how many."""
-    targets = {_TARGET_ALIASES.get(name, name) for name in target_modules}
+    """Adds adapters to every Dense whose attribute name is in `target_modules`; returns how many.
+    Targets are our names (q_proj ... down_proj, any family) or the model family's own
+    (`LORA_TARGETS`: OPT's fc1, GPT-NeoX's query_key_value, GPT-2's c_attn, ...)."""
+    config = getattr(model, "config", None)  # a bare block (the memory planner's) has none: our names only
+    aliases = family(config.model_type).LORA_TARGETS if config is not None else {}
+    targets = {ours for name in target_modules for ours in aliases.get(name, (name,))}
     rngs = nnx.Rngs(seed)
     count = 0
     for path, module in nnx.iter_graph(model):

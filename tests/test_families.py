@@ -1,0 +1,276 @@
+"""GPT-NeoX/Pythia and GPT-2 against transformers: logits, greedy generation, the HF round trip
+(causal LM and value model), tensor parallelism, and LoRA SFT and PPO started from GPT-NeoX."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from hf_fixtures import padded_batch, save_tiny_model, tiny_hf_configs, torch_logits
+
+from jaxrlhf.generation.generate import SamplingSettings, generate_from_state
+from jaxrlhf.generation.layout import to_generation_layout
+from jaxrlhf.models import DecoderConfig, ValueModel, export_model, load_pretrained, save_pretrained
+from jaxrlhf.models.families import FAMILIES, family
+from jaxrlhf.models.lora import apply_lora
+from jaxrlhf.parallel import GENERATION_RULES, TRAINING_RULES, make_mesh, shard_model
+
+VARIANTS = ["neox_parallel_rot25", "neox_sequential_rot50", "gpt2"]
+LENGTHS = [12, 7, 3, 10]
+EOS, PAD, NEW = 7, 1, 10
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("hf"))
+    return {name: save_tiny_model(name, root, centred_biases=True) for name in VARIANTS}
+
+
+def relative_error(ours, reference, mask):
+    valid = mask.astype(bool)
+    return np.abs(ours - reference)[valid].max() / np.abs(reference[valid]).max()
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_logits_match_transformers_on_left_and_right_padding(model_dirs, name):
+    """1e-5, tighter than the 1e-4 float32 bound: the other GELU form (erf vs tanh) is ~1e-4 off here."""
+    model = load_pretrained(model_dirs[name])
+    forward = jax.jit(lambda ids, mask: model(ids, mask))
+    for left in (False, True):
+        ids, mask = padded_batch(LENGTHS, 12, left=left)
+        ours = np.asarray(forward(jnp.asarray(ids), jnp.asarray(mask)))
+        assert relative_error(ours, torch_logits(model_dirs[name], ids, mask), mask) < 1e-5, (name, left)
+
+
+def test_the_family_switches_are_read(model_dirs):
+    parallel = load_pretrained(model_dirs["neox_parallel_rot25"]).config
+    sequential = load_pretrained(model_dirs["neox_sequential_rot50"]).config
+    gpt2 = load_pretrained(model_dirs["gpt2"]).config
+    assert (parallel.parallel_residual, parallel.rotary_dim, parallel.head_dim) == (True, 4, 16)
+    assert (sequential.parallel_residual, sequential.rotary_dim, sequential.qkv_bias) == (False, 8, False)
+    assert (gpt2.positions, gpt2.activation, gpt2.norm_eps, gpt2.tie_word_embeddings) == (
+        "learned",
+        "gelu_new",
+        1e-6,
+        True,
+    )
+
+
+def test_hf_activation_names_compute_what_transformers_does():
+    """HF "gelu" is the exact erf GELU, "gelu_new" the tanh approximation; they differ by ~1e-3."""
+    from transformers.activations import ACT2FN
+
+    from jaxrlhf.models.config import ACTIVATIONS
+
+    x = np.linspace(-4, 4, 101, dtype=np.float32)
+    for name in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu"):
+        expected = ACT2FN[name](torch.tensor(x)).numpy()
+        np.testing.assert_allclose(np.asarray(ACTIVATIONS[name](jnp.asarray(x))), expected, atol=1e-6, err_msg=name)
+
+
+def hf_greedy(path, ids, mask):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            do_sample=False,
+            max_new_tokens=NEW,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+        ).numpy()
+    return np.pad(out, ((0, 0), (0, ids.shape[1] + NEW - out.shape[1])), constant_values=PAD)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_greedy_equals_transformers_generate(model_dirs, name):
+    """Prefill and cached decode steps take the parallel residual, partial rotary and learned positions."""
+    ids, mask = padded_batch([6, 3, 8, 1], 8, left=True, seed=3)
+    graphdef, state = nnx.split(to_generation_layout(load_pretrained(model_dirs[name])))
+    settings = SamplingSettings(eos_id=EOS, pad_id=PAD, max_new_tokens=NEW, greedy=True)
+    out = generate_from_state(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), settings)
+    np.testing.assert_array_equal(np.asarray(out.tokens), hf_greedy(model_dirs[name], ids, mask))
+    assert len(np.unique(np.asarray(out.tokens)[:, 8:])) > 5  # answers that depend on the prompt
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_export_round_trips_through_transformers(model_dirs, name, tmp_path):
+    """Fused query_key_value / c_attn tensors are joined again; transformers loads the export
+    as the family's CausalLM class with the same logits."""
+    save_pretrained(load_pretrained(model_dirs[name]), str(tmp_path / "export"))
+    ids, mask = padded_batch(LENGTHS, 12, left=True)
+    exported = torch_logits(str(tmp_path / "export"), ids, mask)
+    np.testing.assert_allclose(exported, torch_logits(model_dirs[name], ids, mask), rtol=0, atol=1e-6)
+    hf_config = json.load(open(tmp_path / "export" / "config.json"))
+    model_type = tiny_hf_configs()[name].model_type
+    assert hf_config["model_type"] == model_type
+    assert hf_config["architectures"] == [family(model_type).ARCHITECTURES[model_type][0]]
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_value_model_exports_as_sequence_classification(model_dirs, name, tmp_path):
+    model = load_pretrained(model_dirs[name], model_cls=ValueModel, untrained_head="zeros")
+    head = model.value_head.kernel
+    head.set_value(jax.random.normal(jax.random.key(0), head.get_value().shape))
+    ids, mask = padded_batch(LENGTHS, 12, left=False)
+    values = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    save_pretrained(model, str(tmp_path / "rm"), extra_config={"pad_token_id": PAD})
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm")).eval()
+    assert type(hf).__name__.endswith("ForSequenceClassification")
+    with torch.no_grad():
+        scores = hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits[:, 0].numpy()
+    np.testing.assert_allclose(scores, values[np.arange(len(ids)), mask.sum(1) - 1], rtol=1e-4, atol=1e-5)
+
+
+def test_gpt2_saved_as_the_base_model_loads_without_the_prefix(model_dirs, tmp_path):
+    """Hub GPT-2 checkpoints name tensors h.0... (saved from GPT2Model), not transformer.h.0..."""
+    transformers.GPT2LMHeadModel.from_pretrained(model_dirs["gpt2"]).transformer.save_pretrained(tmp_path / "base")
+    ids, mask = padded_batch(LENGTHS, 12, left=True)
+    ours = np.asarray(load_pretrained(str(tmp_path / "base"))(jnp.asarray(ids), jnp.asarray(mask)))
+    assert relative_error(ours, torch_logits(model_dirs["gpt2"], ids, mask), mask) < 1e-5
+
+
+@pytest.mark.parametrize("tensor", [2, 4])
+@pytest.mark.parametrize("name", VARIANTS)
+def test_tensor_parallel_equals_one_device(model_dirs, name, tensor):
+    """Fused tensors are read per device straight into q, k and v sharded by heads."""
+    ids, mask = padded_batch([12, 5, 9, 1, 12, 7, 3, 10], 12, left=True)
+    single = np.asarray(load_pretrained(model_dirs[name])(jnp.asarray(ids), jnp.asarray(mask)))
+    mesh = make_mesh(fsdp=8 // tensor, tensor=tensor)
+    model = load_pretrained(model_dirs[name], mesh=mesh, rules=TRAINING_RULES)
+    kernel = model.decoder.layers.attn.q_proj.kernel.get_value()  # [layers, embed, heads, head_dim]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    for rules in (TRAINING_RULES, GENERATION_RULES):
+        graphdef, state = nnx.split(shard_model(model, rules, mesh))
+        forward = jax.jit(lambda state, i, m, graphdef=graphdef: nnx.merge(graphdef, state)(i, m))
+        out = forward(state, jnp.asarray(ids), jnp.asarray(mask))
+        assert relative_error(np.asarray(out), single, mask) < 1e-5
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_config_maps_to_hf_and_back(model_dirs, name):
+    config = load_pretrained(model_dirs[name]).config
+    assert DecoderConfig.from_hf(family(config.model_type).to_hf(config)) == config
+
+
+def test_every_family_config_maps_to_hf_and_back():
+    for name, hf in tiny_hf_configs().items():
+        config = DecoderConfig.from_hf(hf.to_dict())
+        assert DecoderConfig.from_hf(family(config.model_type).to_hf(config)) == config, name
+    assert {module.__name__.rsplit(".", 1)[1] for module in FAMILIES} == {"llama", "opt", "gpt_neox", "gpt2"}
+
+
+@pytest.mark.parametrize("key", ["scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"])
+def test_gpt2_attention_options_we_do_not_run_are_refused(key):
+    hf = tiny_hf_configs()["gpt2"].to_dict() | {key: True}
+    with pytest.raises(ValueError, match=f"^gpt2 with {key}=True is not supported$"):
+        DecoderConfig.from_hf(hf)
+
+
+def test_pythia_style_config_json_reads_rotary_pct_and_rotary_emb_base():
+    """Pythia's config.json predates rope_parameters: rotary_pct and rotary_emb_base."""
+    hf = {k: v for k, v in tiny_hf_configs()["neox_parallel_rot25"].to_dict().items() if k != "rope_parameters"}
+    config = DecoderConfig.from_hf(hf | {"rotary_pct": 0.5, "rotary_emb_base": 5000})
+    assert (config.rotary_dim, config.rope_theta) == (8, 5000.0)
+
+
+def test_lora_targets_take_the_familys_names(model_dirs):
+    """query_key_value is one fused HF matrix: it adapts our q, k and v; c_proj names two GPT-2 matrices."""
+    neox = load_pretrained(model_dirs["neox_parallel_rot25"])
+    assert apply_lora(neox, rank=2, alpha=4.0, target_modules=["query_key_value", "dense_4h_to_h"]) == 4
+    gpt2 = load_pretrained(model_dirs["gpt2"])
+    assert apply_lora(gpt2, rank=2, alpha=4.0, target_modules=["c_proj"]) == 2
+    assert gpt2.decoder.layers.attn.o_proj.lora_a is not None and gpt2.decoder.layers.mlp.down_proj.lora_a is not None
+    with pytest.raises(ValueError, match="matched no projection"):
+        apply_lora(load_pretrained(model_dirs["gpt2"]), rank=2, alpha=4.0, target_modules=["query_key_value"])
+
+
+@pytest.fixture(scope="module")
+def neox_with_tokenizer(tmp_path_factory):
+    """A tiny GPT-NeoX with the built-in task's tokenizer, and a reward model (random score head) from it."""
+    from jaxrlhf.data.builtin import builtin_tokenizer
+    from jaxrlhf.models import load_tokenizer
+
+    root = tmp_path_factory.mktemp("neox")
+    tokenizer = load_tokenizer(builtin_tokenizer(str(root / "tokenizer")))
+    hf = transformers.GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    path = str(root / "policy")
+    transformers.GPTNeoXForCausalLM(hf).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    reward = load_pretrained(path, model_cls=ValueModel, untrained_head="zeros")
+    kernel = reward.value_head.kernel
+    kernel.set_value(jax.random.normal(jax.random.key(1), kernel.get_value().shape))
+    return path, export_model(reward, str(root / "reward_model"), path)
+
+
+def run_step(step, tmp_path, overrides):
+    from jaxrlhf.config import load_config
+    from jaxrlhf.metrics import MetricsLogger
+    from jaxrlhf.run_context import RunContext
+
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    config = load_config([f"steps=[{step}]", f"output_dir={tmp_path / step}", cache, "tensorboard=false", *overrides])
+    logger = MetricsLogger(config.output_dir, tensorboard=False)
+    context = RunContext(config, make_mesh(devices=jax.devices()[:1]), logger)
+    try:
+        if step == "sft":
+            from jaxrlhf.steps.sft import run_sft
+
+            return run_sft(context)
+        from jaxrlhf.rl.ppo import run_ppo
+        from jaxrlhf.train import task_hooks
+
+        return run_ppo(context, task_hooks(config))
+    finally:
+        logger.close()
+
+
+def test_lora_sft_from_gpt_neox_exports_a_gpt_neox(neox_with_tokenizer, tmp_path):
+    policy, _ = neox_with_tokenizer
+    summary = run_step(
+        "sft",
+        tmp_path,
+        [
+            f"sft.model.path={policy}",
+            "sft.lora.rank=4",
+            "sft.lora.target_modules=[query_key_value, dense, dense_h_to_4h, dense_4h_to_h]",
+            "data.builtin_size=500",
+            "sft.max_steps=3",
+            "sft.batch_size=8",
+            "sft.eval_every=0",
+            "sft.eval_batches=1",
+        ],
+    )
+    assert np.isfinite(summary["sft.eval_loss_end"])
+    exported = str(tmp_path / "sft" / "sft" / "model")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exported)
+    assert type(hf).__name__ == "GPTNeoXForCausalLM"
+    assert not any("lora" in name for name in hf.state_dict())
+
+
+def test_ppo_from_gpt_neox_runs(neox_with_tokenizer, tmp_path):
+    from test_ppo import TINY_PPO
+
+    policy, reward_model = neox_with_tokenizer
+    roles = [f"ppo.actor_model.path={policy}", f"ppo.critic_model.path={reward_model}"]
+    summary = run_step("ppo", tmp_path, [*TINY_PPO, *roles, "ppo.num_iterations=2", "ppo.actor_lora.rank=4"])
+    assert np.isfinite(summary["ppo.kl_to_sft"])
+    for role, architecture in (("actor", "GPTNeoXForCausalLM"), ("critic", "GPTNeoXForSequenceClassification")):
+        config = json.load(open(os.path.join(tmp_path, "ppo", "ppo", role, "config.json")))
+        assert config["architectures"] == [architecture], role
