@@ -190,6 +190,20 @@ def test_lora_targets_take_the_familys_names(model_dirs):
         apply_lora(load_pretrained(model_dirs["gpt2"]), rank=2, alpha=4.0, target_modules=["query_key_value"])
 
 
+@pytest.mark.parametrize("name", ["neox_parallel_rot25", "gpt2"])
+def test_trained_adapters_merge_into_the_fused_tensors_on_export(model_dirs, name, tmp_path):
+    from jaxrlhf.models.layers import LoraParam
+
+    model = load_pretrained(model_dirs[name])
+    apply_lora(model, rank=2, alpha=4.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"])
+    for path, variable in nnx.to_flat_state(nnx.state(model, LoraParam)):
+        variable.set_value(0.1 * jax.random.normal(jax.random.key(len(path)), variable.get_value().shape))
+    ids, mask = padded_batch(LENGTHS, 12, left=True)
+    adapted = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    save_pretrained(model, str(tmp_path / "merged"))
+    assert relative_error(torch_logits(str(tmp_path / "merged"), ids, mask), adapted, mask) < 1e-5
+
+
 @pytest.fixture(scope="module")
 def neox_with_tokenizer(tmp_path_factory):
     """A tiny GPT-NeoX with the built-in task's tokenizer, and a reward model (random score head) from it."""
@@ -264,6 +278,7 @@ def test_lora_sft_from_gpt_neox_exports_a_gpt_neox(neox_with_tokenizer, tmp_path
     assert not any("lora" in name for name in hf.state_dict())
 
 
+@pytest.mark.slow  # ~20 s: two PPO iterations with a LoRA actor
 def test_ppo_from_gpt_neox_runs(neox_with_tokenizer, tmp_path):
     from test_ppo import TINY_PPO
 

@@ -238,7 +238,8 @@ def _join(tensor: Tensor, values: dict, layer: int | None, dtype) -> np.ndarray:
     out = np.empty(tensor.shape, dtype)
     for param_path, view in tensor.parts:
         target = view(out)
-        assert np.shares_memory(target, out), f"{tensor.name}: the view of {param_path} is a copy"
+        if not np.shares_memory(target, out):  # a family's view that copies would write nothing
+            raise RuntimeError(f"{tensor.name}: the view of {'.'.join(param_path)} is a copy, not a view")
         target[...] = values[param_path] if layer is None else values[param_path][layer]
     return out
 

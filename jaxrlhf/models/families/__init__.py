@@ -4,7 +4,7 @@ A family module owns everything family-specific, in one place:
 
     MODEL_TYPES                  the config.json `model_type` values it reads
     ARCHITECTURES                model_type -> (CausalLM class, ForSequenceClassification class)
-    PREFIX                       the base model's tensor-name prefix (a checkpoint of the base model lacks it)
+    PREFIX                       HF's base_model_prefix + "." (a checkpoint of the base model lacks it)
     LORA_TARGETS                 the family's projection names -> our Dense names (ours are always accepted)
     config_fields(hf) -> dict    DecoderConfig fields from config.json; a ValueError names an option we do not run
     to_hf(config) -> dict        the architecture keys of config.json, written back (export)

@@ -10,7 +10,7 @@ from jaxrlhf.models.families.base import LAYERS, Tensor, linear, norm, require_u
 
 MODEL_TYPES = ("opt",)
 ARCHITECTURES = {"opt": ("OPTForCausalLM", "OPTForSequenceClassification")}
-PREFIX = "model.decoder."
+PREFIX = "model."  # the Hub's facebook/opt-* checkpoints name tensors decoder.*
 LORA_TARGETS = {
     "q_proj": ("q_proj",),
     "k_proj": ("k_proj",),
