@@ -51,9 +51,21 @@ def held_out_prompts(ctx, records, tokenizer) -> HeldOutPrompts:
     )
 
 
+def decode_engine(generation, rows: int) -> tuple[str, int]:
+    """(engine, slots) for generating `rows` rows at a time, as `generation.engine` says: "auto"
+    refills where the planner left fewer slots than rows (the rows' KV cache does not fit), and
+    decodes statically otherwise (one slot per row: the same work, no queue)."""
+    if generation.engine == "static" or (generation.engine == "auto" and not 0 < generation.slots < rows):
+        return "static", 0
+    return "refill", generation.slots
+
+
 def sampling_settings(config, tokenizer) -> SamplingSettings:
-    """Rollout sampling from the run's generation section; answers up to ppo.max_answer_seq_len."""
+    """Rollout sampling from the run's generation section; answers up to ppo.max_answer_seq_len,
+    by the engine `decode_engine` picks for a rollout's rows."""
     generation = config.generation
+    rows = (config.ppo.prompts_per_iteration + config.ppo.oversample_prompts) * config.ppo.samples_per_prompt
+    engine, slots = decode_engine(generation, rows)
     return SamplingSettings(
         eos_id=tokenizer.eos_token_id,
         pad_id=pad_token_id(tokenizer),
@@ -64,6 +76,9 @@ def sampling_settings(config, tokenizer) -> SamplingSettings:
         top_p=generation.top_p,
         greedy=generation.greedy,
         attention=generation.attention,
+        engine=engine,
+        slots=slots,
+        refill_chunk=generation.refill_chunk,
     )
 
 

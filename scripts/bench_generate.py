@@ -17,6 +17,16 @@ with --samples-per-prompt N also the FLOPs saved by prefilling each prompt once 
         --intermediate 8192 --vocab 32000 --batch 32 --prompt-len 512 --new-tokens 256 --dtype bfloat16
     PYTHONPATH=$PWD JAX_PLATFORMS=cpu python scripts/bench_generate.py --memory --hidden 2048 --layers 16 \\
         --heads 32 --kv-heads 8 --intermediate 8192 --vocab 32000 --batch 32 --prompt-len 512 --new-tokens 256
+
+With --lengths longtail|fixed it compares our two engines instead, in the same run: static
+generation (every row decodes until the batch's longest answer) and refill (`--slots` rows at a
+time, each freed slot refilled from the queue). Answer lengths are fixed per row so that both do
+exactly the same work: log-normal with median --new-tokens/8 ("longtail"), or all at the maximum
+("fixed"); EOS is suppressed and each row ends at its length. Reports useful (answer) tokens/s,
+decode steps, mean slot occupancy and refill/static; with --memory, the compiled memory of both.
+
+    PYTHONPATH=$PWD JAX_PLATFORMS=cpu python scripts/bench_generate.py --lengths longtail --hidden 512 \\
+        --layers 8 --batch 256 --prompt-len 32 --new-tokens 256 --slots 64
 """
 
 from __future__ import annotations
@@ -49,6 +59,10 @@ def parse_args(argv):
         default=1,
         help="with --memory, also the prefill FLOPs n samples per prompt save",
     )
+    parser.add_argument("--lengths", choices=["longtail", "fixed"], help="compare the static and refill engines")
+    parser.add_argument("--slots", type=int, default=64, help="refill engine: decode slots")
+    parser.add_argument("--refill-chunk", type=int, default=0, help="refill engine: rows per refill (0: slots / 4)")
+    parser.add_argument("--tail-sigma", type=float, default=1.0, help="longtail: sigma of the log-normal lengths")
     args = parser.parse_args(argv)
     if args.samples_per_prompt > 1 and not args.memory:
         parser.error("--samples-per-prompt is reported from shapes only: add --memory")
@@ -171,6 +185,75 @@ def report_memory(args):
         print(samples_per_prompt_flops(config, args.batch, args.prompt_len, args.new_tokens, n).summary(n))
 
 
+def answer_lengths(args):
+    """Each row's answer length, fixed so both engines do the same work (see the module docstring)."""
+    import numpy as np
+
+    if args.lengths == "fixed":
+        return np.full(args.batch, args.new_tokens, np.int32)
+    draws = np.random.default_rng(0).lognormal(np.log(args.new_tokens / 8), args.tail_sigma, args.batch)
+    return np.clip(np.round(draws), 1, args.new_tokens).astype(np.int32)
+
+
+def compare_engines(args, ids, mask):
+    """Static against refill generation on the same prompts, lengths and weights (one device)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import transformers
+    from flax import nnx
+
+    from jaxrlhf.generation.generate import SamplingSettings, generate_from_state
+    from jaxrlhf.generation.layout import to_generation_layout
+    from jaxrlhf.models import load_pretrained
+
+    lengths = answer_lengths(args)
+    static = SamplingSettings(
+        eos_id=args.vocab - 1,
+        pad_id=0,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,  # no EOS: every row ends at its own length
+        greedy=True,
+        attention=args.attention,
+    )
+    refill = dataclasses.replace(static, engine="refill", slots=args.slots, refill_chunk=args.refill_chunk)
+    with tempfile.TemporaryDirectory() as path:
+        transformers.AutoModelForCausalLM.from_config(
+            hf_config(args, args.prompt_len + args.new_tokens)
+        ).save_pretrained(path)
+        model = to_generation_layout(load_pretrained(path, dtype=args.dtype, param_dtype=args.dtype))
+    graphdef, state = nnx.split(model)
+    ids, mask, limits = jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(lengths)
+    results = {}
+    for name, settings in (("static", static), ("refill", refill)):
+        run = lambda settings=settings: jax.block_until_ready(
+            generate_from_state(graphdef, state, ids, mask, jax.random.key(0), settings, answer_limits=limits)
+        )
+        print(f"compiling and timing {name}", file=sys.stderr)
+        out = run()
+        results[name] = (best_of(args.repeats, run), out)
+    same = np.array_equal(results["static"][1].tokens, results["refill"][1].tokens)
+    useful = int(lengths.sum())
+    device = jax.devices()[0].device_kind
+    print(
+        f"{args.model_type} hidden {args.hidden}, {args.layers} layers, {args.batch} rows x ({args.prompt_len} + "
+        f"up to {args.new_tokens}), {args.lengths} lengths (mean {lengths.mean():.1f}, median "
+        f"{np.median(lengths):.0f}, max {lengths.max()}), {args.slots} slots, {args.dtype}, jax {jax.__version__} "
+        f"on {device}; same tokens: {same}"
+    )
+    print("| engine | seconds | useful tok/s | decode steps | mean occupancy |")
+    print("|---|---|---|---|---|")
+    for name, (seconds, out) in results.items():
+        print(f"| {name} | {seconds:.2f} | {useful / seconds:,.0f} | {int(out.steps)} | {float(out.occupancy):.1%} |")
+    ratio = results["static"][0] / results["refill"][0]
+    print(f"refill / static useful tokens/s: {ratio:.2f}x")
+    if not same:
+        raise SystemExit("refill and static generated different tokens")
+    return ratio
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.memory:
@@ -189,6 +272,8 @@ def main(argv=None):
     for row in range(0, args.batch, 2):  # mixed prompt lengths: every other row left-padded by a quarter
         mask[row, : args.prompt_len // 4] = 0
     ids = np.where(mask == 1, ids, 0).astype(np.int32)
+    if args.lengths:
+        return compare_engines(args, ids, mask)
     with tempfile.TemporaryDirectory() as path:
         reference.save_pretrained(path)
         n_params = sum(p.numel() for p in reference.parameters())

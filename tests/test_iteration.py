@@ -1,6 +1,8 @@
 """One PPO iteration on its own: it takes one optimizer step per minibatch and epoch for the actor and
 the critic, reports every phase, and depends only on the state and the iteration number."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -101,3 +103,31 @@ def test_an_iteration_depends_only_on_the_state_its_prompts_and_its_number(prepa
     for key in ("score", "actor_loss", "critic_loss", "answer_length"):
         assert first[0][key] == first[1][key], key
     assert any(first[0][key] != other[key] for key in ("score", "actor_loss", "answer_length"))
+
+
+def test_refill_and_static_rollouts_give_the_same_iteration(prepared):
+    """The same prompts and key: the refill engine's rollouts are static generation's, so every
+    metric but the timings and the decode-step counts is the same, under the same keys."""
+    run, initial = prepared
+    position, engine = run.loop.prompts.position, run.loop.engine
+    configured = engine.settings
+    assert configured.engine == "static"  # "auto", and every row's cache fits
+    results = {}
+    try:
+        for name, settings in (
+            ("static", dataclasses.replace(configured, engine="static", slots=0)),
+            ("refill", dataclasses.replace(configured, engine="refill", slots=2, refill_chunk=1)),
+        ):
+            engine.settings = settings
+            run.loop.prompts.position = position
+            results[name] = run_iteration(run.loop, copy(initial), iteration=2, kl_coef=0.1)[1]
+    finally:
+        engine.settings = configured
+    static, refill = results["static"], results["refill"]
+    assert static.keys() == refill.keys()
+    speeds = ("time/", "tflops/", "samples_per_s", "generation/")
+    for key, value in static.items():
+        if not key.startswith(speeds):
+            assert refill[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert refill["generation/decode_steps"] > static["generation/decode_steps"]  # 2 slots for 8 rows
+    assert refill["time/generation_s"] > 0

@@ -114,10 +114,25 @@ class GenerationConfig:
     # Decode-step attention: XLA, the Mosaic GPU kernel (bf16), or auto (the reference until a GPU
     # benchmark shows the kernel faster).
     attention: Literal["auto", "reference", "pallas"] = "auto"
+    # Decoding engine: "static" decodes every row until the longest answer of the batch ends;
+    # "refill" decodes `slots` rows at a time and refills a finished row's slot from the queue of
+    # rows (continuous batching, jaxrlhf/generation/refill.py; the same tokens). "auto": refill where
+    # the rows' KV cache does not fit and the memory planner gives fewer slots than rows, static
+    # otherwise. On a compute-bound device (CPU, large models) refill with slots < rows also pays
+    # on long-tailed answers: docs/benchmarks.md.
+    engine: Literal["auto", "static", "refill"] = "auto"
+    slots: int = 0  # refill: rows decoded at once; 0: the memory planner's (one per row where all fit)
+    refill_chunk: int = 0  # refill: most rows admitted per refill; 0: an eighth of the slots
 
     def validate(self, key: str) -> None:
         at_least(self, key, 1, "tensor_parallel")
-        at_least(self, key, 0, "min_new_tokens", "top_k")
+        at_least(self, key, 0, "min_new_tokens", "top_k", "slots", "refill_chunk")
+        if self.slots and self.refill_chunk:
+            require(
+                self.refill_chunk <= self.slots,
+                f"{key}.refill_chunk",
+                f"must be <= {key}.slots ({self.slots}), got {self.refill_chunk}",
+            )
 
         require(self.temperature > 0, f"{key}.temperature", f"must be > 0, got {self.temperature}")
         require(0 < self.top_p <= 1, f"{key}.top_p", f"must be in (0, 1], got {self.top_p}")

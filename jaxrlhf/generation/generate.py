@@ -40,6 +40,17 @@ class SamplingSettings:
     top_p: float = 1.0
     greedy: bool = False
     attention: str = "auto"  # decode-step attention: "reference" (XLA), "pallas" (the kernel) or "auto"
+    # "static": all rows decode together until the longest answer ends; "refill": `slots` rows at
+    # a time, a finished row's slot refilled from the queue of rows (`generation.refill`).
+    engine: str = "static"
+    slots: int = 0  # refill: decode slots (0: one per row)
+    refill_chunk: int = 0  # refill: most rows admitted per refill (0: an eighth of the slots)
+
+    def __post_init__(self):
+        if self.engine not in ("static", "refill"):
+            raise ValueError(f"engine={self.engine!r} is not one of 'static', 'refill'")
+        if self.slots < 0 or self.refill_chunk < 0:
+            raise ValueError(f"slots={self.slots} and refill_chunk={self.refill_chunk} must be >= 0 (0: automatic)")
 
 
 @jax.tree_util.register_dataclass
@@ -49,6 +60,7 @@ class Generation:
     attention_mask: jax.Array  # [batch, prompt + new]: 1 on real prompt and answer tokens (EOS included)
     logprobs: jax.Array  # [batch, new]: log p_model(token) of each sampled token (temperature 1), 0 on pad
     steps: jax.Array  # number of decode steps run (the loop may stop early)
+    occupancy: jax.Array  # mean share of the decoded rows that held an unfinished answer, per decode step
 
 
 @jax.tree_util.register_dataclass
@@ -64,10 +76,13 @@ class DecodeState:
     cache: KVCache
 
 
-def _pick(logits, row_keys, step, done, settings: SamplingSettings):
-    """Samples one token per row; rows already finished emit pad with log-prob 0.
-    Returns (token, logprob, done after this token), each [batch]."""
-    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+def pick_tokens(logits, row_keys, step, done, settings: SamplingSettings, limits=None):
+    """Samples token number `step` (a scalar, or each row's own [batch]) of every row from its own
+    key stream; rows already finished emit pad with log-prob 0. A row is done after this token if
+    it is EOS or the row's answer reaches `limits` ([batch] lengths, or None: only
+    `max_new_tokens`, which the caller's loop bounds). Returns (token, logprob, done), each [batch]."""
+    step = jnp.broadcast_to(step, done.shape)
+    step_keys = jax.vmap(jax.random.fold_in)(row_keys, step)
     allowed = suppress_eos(logits, settings.eos_id, step, settings.min_new_tokens)
     token = sample_tokens(
         allowed,
@@ -79,7 +94,10 @@ def _pick(logits, row_keys, step, done, settings: SamplingSettings):
     )
     logprob = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), token[:, None], -1)[:, 0]
     token = jnp.where(done, settings.pad_id, token)
-    return token, jnp.where(done, 0.0, logprob), done | (token == settings.eos_id)
+    ended = token == settings.eos_id
+    if limits is not None:
+        ended |= step + 1 >= limits
+    return token, jnp.where(done, 0.0, logprob), done | ended
 
 
 def decode_step(
@@ -90,6 +108,7 @@ def decode_step(
     row_keys,
     settings: SamplingSettings,
     cache_sharding=None,
+    limits=None,
 ) -> DecodeState:
     """Feeds the last sampled token, writes its keys and values at its slot, samples the next one."""
     step = state.step
@@ -106,7 +125,8 @@ def decode_step(
         attention,
         cache_sharding,
     )
-    token, logprob, done = _pick(model.logits(hidden[:, None])[:, 0], row_keys, step, state.done, settings)
+    logits = model.logits(hidden[:, None])[:, 0]
+    token, logprob, done = pick_tokens(logits, row_keys, step, state.done, settings, limits)
     return DecodeState(
         step=step + 1,
         tokens=state.tokens.at[:, step].set(token),
@@ -117,15 +137,23 @@ def decode_step(
     )
 
 
-def _repeat_rows(x, n: int):
+def repeat_rows(x, n: int):
     """Each row of x [rows, ...] n times, prompt-major, still sharded by rows over the data axes."""
     return constrain(jnp.repeat(x, n, axis=0), ("batch",) + (None,) * (x.ndim - 1))
 
 
 def generate(
-    model, prompt_ids, prompt_mask, key, settings: SamplingSettings, cache_sharding=None, samples_per_prompt: int = 1
+    model,
+    prompt_ids,
+    prompt_mask,
+    key,
+    settings: SamplingSettings,
+    cache_sharding=None,
+    samples_per_prompt: int = 1,
+    answer_limits=None,
 ) -> Generation:
-    """Samples up to `settings.max_new_tokens` tokens after each left-padded prompt row, n times.
+    """Samples up to `settings.max_new_tokens` tokens after each left-padded prompt row, n times,
+    with the engine `settings.engine` names (`refill.generate_refill` for "refill": the same tokens).
 
     model: a CausalLM in the generation layout (call inside jit); prompt_ids, prompt_mask:
     [prompts, prompt]. With n = `samples_per_prompt`, each prompt is prefilled once and its KV
@@ -133,8 +161,16 @@ def generate(
     prompt-major (row p*n + j is sample j of prompt p). Each row draws from its own key stream
     (split by output row), so the result equals generating from the prompts repeated n times with
     n = 1, and a row's sample does not depend on its batch mates. `cache_sharding` places the KV
-    cache buffers (under tensor parallelism).
+    cache buffers (under tensor parallelism). `answer_limits` ([prompts * n] ints in
+    [1, max_new_tokens], or None) gives each row its own answer budget: a row ends at its limit as
+    it would at `max_new_tokens` (e.g. per-prompt budgets; the long-tail benchmark's fixed lengths).
     """
+    if settings.engine == "refill":
+        from jaxrlhf.generation.refill import generate_refill  # refill builds on this module
+
+        return generate_refill(
+            model, prompt_ids, prompt_mask, key, settings, cache_sharding, samples_per_prompt, answer_limits
+        )
     n = samples_per_prompt
     prompts, prompt_len = prompt_ids.shape
     batch = prompts * n  # rows decoded
@@ -152,9 +188,10 @@ def generate(
     logits = model.logits(hidden[:, -1:])[:, 0]  # [prompts, vocab]
     if n > 1:  # the prefill ran once per prompt; its n samples share its cache from here on
         per_row = (prompt_ids, prompt_mask, prompt_lengths, logits)
-        prompt_ids, prompt_mask, prompt_lengths, logits = (_repeat_rows(x, n) for x in per_row)
+        prompt_ids, prompt_mask, prompt_lengths, logits = (repeat_rows(x, n) for x in per_row)
         cache = cache.repeat_rows(n, cache_sharding)  # [batch, kv_heads, cache_len, head_dim] per layer
-    first, first_logprob, done = _pick(logits, row_keys, 0, jnp.zeros((batch,), bool), settings)
+    limits = None if answer_limits is None else jnp.clip(answer_limits, 1, new).astype(jnp.int32)
+    first, first_logprob, done = pick_tokens(logits, row_keys, 0, jnp.zeros((batch,), bool), settings, limits)
     state = DecodeState(
         step=jnp.int32(1),
         tokens=jnp.full((batch, new), settings.pad_id, jnp.int32).at[:, 0].set(first),
@@ -165,7 +202,7 @@ def generate(
     )
     state = jax.lax.while_loop(
         lambda s: (s.step < new) & ~jnp.all(s.done),
-        lambda s: decode_step(model, s, prompt_len, prompt_lengths, row_keys, settings, cache_sharding),
+        lambda s: decode_step(model, s, prompt_len, prompt_lengths, row_keys, settings, cache_sharding, limits),
         state,
     )
     return Generation(
@@ -173,6 +210,7 @@ def generate(
         attention_mask=jnp.concatenate([prompt_mask, state.answer_mask], axis=1),
         logprobs=state.logprobs,
         steps=state.step,
+        occupancy=state.answer_mask[:, 1:].sum() / jnp.maximum((state.step - 1) * batch, 1),
     )
 
 
@@ -189,6 +227,7 @@ def generate_from_state(
     cache_sharding=None,
     samples_per_prompt: int = 1,
     activations: tuple[Mesh, Rules] | None = None,
+    answer_limits=None,
 ) -> Generation:
     """`generate` as one jitted pure function of the model's split state (in the generation layout).
     `activations`, (mesh, rules) or None, is the activation sharding its trace pins: a static
@@ -196,4 +235,6 @@ def generate_from_state(
     the first call's layout in the cached trace)."""
     with activation_sharding(*(activations or (None, ()))):
         model = nnx.merge(graphdef, state)
-        return generate(model, prompt_ids, prompt_mask, key, settings, cache_sharding, samples_per_prompt)
+        return generate(
+            model, prompt_ids, prompt_mask, key, settings, cache_sharding, samples_per_prompt, answer_limits
+        )

@@ -67,6 +67,12 @@ class HybridEngine:
         rows = batch_sharding(self.mesh, 2, rules).spec[0]
         heads = logical_to_spec(("kv_heads",), (kv_heads,), rules, self.mesh)
         self.cache_sharding = NamedSharding(self.mesh, PartitionSpec(rows, *(heads or (None,)), None, None))
+        row_shards = self.mesh.devices.size // tensor_parallel
+        if settings.engine == "refill" and settings.slots % row_shards:
+            raise ValueError(
+                f"generation slots={settings.slots} must be a multiple of the {row_shards} row shards of the "
+                f"generation mesh (devices / tensor_parallel): each shard decodes its own slots"
+            )
 
     def generation_state(self, states: tuple) -> nnx.State:
         """The actor's weights in the generation layout and shardings (a new copy)."""

@@ -11,8 +11,9 @@ Layout, chosen so that a decode step touches each byte once:
   the `while_loop` carries (updated in place, never copied).
 - stored in the compute dtype (bf16 in practice): read without conversion.
 
-Rows are left padded, so at every step all rows write the same slot; row b's real keys are the
-contiguous slots [kv_start[b], slot].
+Prompts are left padded to a common length, so a prompt's keys end at the same slot in every row
+and row b's real keys are the contiguous slots [kv_start[b], slot[b]]. Static generation moves all
+rows in step (one slot for all); the refill engine's rows each keep their own length.
 """
 
 from __future__ import annotations
@@ -65,6 +66,20 @@ class KVCache:
 
         return KVCache(tuple(map(repeat, self.keys)), tuple(map(repeat, self.values)))
 
+    def write_rows(self, chunk: KVCache, slots) -> KVCache:
+        """This cache with row j of `chunk` (its slots [0, chunk.max_len)) written into row
+        `slots[j]`; a slot index past the last row drops that row (masked, fixed-shape refills)."""
+
+        def write(x, part):
+            return x.at[slots, :, : part.shape[2], :].set(part.astype(x.dtype), mode="drop")
+
+        return KVCache(tuple(map(write, self.keys, chunk.keys)), tuple(map(write, self.values, chunk.values)))
+
+    def take_rows(self, rows) -> KVCache:
+        """The cache of the given rows, in order (a gather: rows may repeat)."""
+        take = lambda x: jnp.take(x, rows, axis=0)
+        return KVCache(tuple(map(take, self.keys)), tuple(map(take, self.values)))
+
 
 def _head_major(x):
     """[batch, seq, kv_heads, dim] -> [batch, kv_heads, seq, dim]."""
@@ -99,20 +114,32 @@ def prefill(model, prompt_ids, prompt_mask, positions, cache: KVCache):
     return decoder.finish(x), KVCache(tuple(keys), tuple(values))
 
 
+def _write_slot(cache, update, slot):
+    """cache [batch, kv_heads, max_len, dim] with update [batch, kv_heads, 1, dim] written at `slot`:
+    one slot for every row (a scalar: one in-place `dynamic_update_slice`), or each row's own ([batch])."""
+    update = update.astype(cache.dtype)
+    if jnp.ndim(slot) == 0:
+        return jax.lax.dynamic_update_slice(cache, update, (0, 0, slot, 0))
+    rows = jnp.arange(cache.shape[0])
+    return cache.at[rows, :, slot, :].set(update[:, :, 0, :], mode="promise_in_bounds")
+
+
 def decode_forward(
     model, tokens, positions, cache: KVCache, slot, kv_start, implementation: str = "reference", cache_sharding=None
 ):
     """One decode step: tokens, positions [batch] -> (hidden [batch, embed_dim], cache).
 
-    Writes each layer's new key and value at `slot` and attends over each row's real slots
-    [kv_start[b], slot] (narrowed to the sliding window, if the model has one) with the decode
-    attention `implementation` ("reference" or "pallas"; `cache_sharding` tells the kernel the mesh).
+    Writes each layer's new key and value at `slot` (a scalar for left-padded rows that move in
+    step, or [batch] for rows at their own lengths, as the refill engine's slots are) and attends
+    over each row's real slots [kv_start[b], slot[b]] (narrowed to the sliding window, if the model
+    has one) with the decode attention `implementation` ("reference" or "pallas";
+    `cache_sharding` tells the kernel the mesh).
     """
     decoder = model.decoder
     config = decoder.config
     inv_freq = rope_inverse_frequencies(config)
     batch = tokens.shape[0]
-    kv_end = jnp.full((batch,), slot + 1, jnp.int32)
+    kv_end = jnp.broadcast_to(slot + 1, (batch,)).astype(jnp.int32)
     if config.sliding_window is not None:
         kv_start = jnp.maximum(kv_start, kv_end - config.sliding_window)
     positions = positions[:, None]  # [batch, 1]
@@ -122,8 +149,7 @@ def decode_forward(
 
         def attend(attn, h, k_cache=k_cache, v_cache=v_cache):
             q, k, v = attn.project(h, positions, inv_freq)  # q [batch, 1, heads, dim], k/v [batch, 1, kv_heads, dim]
-            k_cache = jax.lax.dynamic_update_slice(k_cache, _head_major(k).astype(k_cache.dtype), (0, 0, slot, 0))
-            v_cache = jax.lax.dynamic_update_slice(v_cache, _head_major(v).astype(v_cache.dtype), (0, 0, slot, 0))
+            k_cache, v_cache = _write_slot(k_cache, _head_major(k), slot), _write_slot(v_cache, _head_major(v), slot)
             out = decode_attention(
                 q[:, 0], k_cache, v_cache, kv_start, kv_end, implementation=implementation, sharding=cache_sharding
             )

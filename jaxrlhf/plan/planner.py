@@ -183,6 +183,7 @@ def resolved(config, plans: list[StepPlan]):
             for role, policy in plan.remat.items():  # the actor's, and the critic's where there is one
                 getattr(config.ppo, f"{role}_model").remat = policy
             config.ppo.grad_accum_steps = plan.grad_accum
+            config.generation.slots = plan.slots
         else:
             section = getattr(config, plan.step)
             section.model.remat, section.grad_accum_steps = plan.remat[plan.step], plan.grad_accum

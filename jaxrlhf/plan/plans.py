@@ -38,6 +38,7 @@ class StepPlan:
     remat: dict[str, str]  # trained role -> policy
     grad_accum: int
     budget: int | None  # usable bytes per device; None = unknown (no constraint)
+    slots: int = 0  # step 3: the decode slots the planner chose for generation (0: the configured engine's)
 
     @property
     def peak(self) -> int:
@@ -49,7 +50,8 @@ class StepPlan:
 
     def choice(self) -> str:
         policies = ", ".join(f"{role} remat={policy}" for role, policy in self.remat.items())
-        return f"{policies}, grad_accum_steps={self.grad_accum}"
+        slots = f", generation.slots={self.slots}" if self.slots else ""
+        return f"{policies}, grad_accum_steps={self.grad_accum}{slots}"
 
     def table(self) -> str:
         gib = lambda n: f"{n / GIB:9.2f}" if n else f"{'-':>9}"

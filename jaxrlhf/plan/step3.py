@@ -4,16 +4,21 @@ experience / update, each at its own peak.
 A run holds only the roles it uses (`ppo_models`, `uses_reference`): the critic-free algorithms
 (grpo, rloo, reinforce_pp) no critic, reward functions alone no reward model, kl_coef 0 no
 reference. Each of `prompts_per_iteration` prompts is answered `samples_per_prompt` (n) times:
-experience and the update run over prompts x n rows, generation prefills the prompts once and
-decodes prompts x n rows with a KV cache of as many.
+experience and the update run over prompts x n rows. Static generation prefills the prompts once
+and decodes prompts x n rows with a KV cache of as many; the refill engine decodes `slots` rows
+with a cache of as many, and where the rows' cache would not fit the planner gives it fewer slots.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrlhf.evaluation import decode_engine
 from jaxrlhf.generation.layout import generation_config
+from jaxrlhf.generation.refill import Admission
 from jaxrlhf.models.config import DecoderConfig
 from jaxrlhf.models.decoder import CausalLM
 from jaxrlhf.models.outputs import LOGITS_CHUNK_ELEMENTS
@@ -85,16 +90,30 @@ def plan_ppo(ppo, generation, configs: dict[str, DecoderConfig], target: Target,
     if ppo.ema_decay > 0:
         lines.append(Line("actor EMA", trained["actor"].params))
     resident = sum(line.weights + line.optimizer for line in lines)
-    generation_line = generation_copy(configs["actor"], ppo, generation.tensor_parallel, target)
-    if target.platform == "cpu":
-        generation_line.working += cpu_upcast(configs["actor"], generation_line.weights)
+    slots = planned_slots(configs["actor"], ppo, generation, target, resident)
+    generation_line = generation_copy(configs["actor"], ppo, generation, target, slots)
     lines.append(generation_line)
     phases = {
         "generate": resident + generation_line.weights + generation_line.cache + generation_line.working,
         "experience": resident + experience_bytes(ppo, configs, lines, target),
         "update": resident + update_bytes(ppo, trained, remat),
     }
-    return StepPlan("ppo", target.mesh_shape, lines, phases, remat, accum, target.budget)
+    return StepPlan("ppo", target.mesh_shape, lines, phases, remat, accum, target.budget, slots)
+
+
+def planned_slots(config: DecoderConfig, ppo, generation, target: Target, resident: int) -> int:
+    """The configured decode slots; for "auto" without a count (0), the most that let the generate
+    phase fit beside the `resident` bytes, halving from one per row (0 where all rows fit)."""
+    if generation.slots or generation.engine == "static" or target.budget is None:
+        return generation.slots
+    shards = target.generation_mesh(generation.tensor_parallel).shape["fsdp"]
+    slots = rollout_rows(ppo)
+    while slots > shards:
+        line = generation_copy(config, ppo, generation, target, slots)
+        if resident + line.weights + line.cache + line.working <= target.budget:
+            break
+        slots = max(shards, slots // 2 // shards * shards)
+    return 0 if slots >= rollout_rows(ppo) else slots
 
 
 def experience_bytes(ppo, configs: dict[str, DecoderConfig], lines: list[Line], target: Target) -> int:
@@ -139,19 +158,33 @@ def cpu_upcast(config: DecoderConfig, weight_bytes: int) -> int:
     return 2 * weight_bytes if jnp.dtype(config.compute_dtype).itemsize < 4 else 0
 
 
-def generation_copy(config: DecoderConfig, ppo, tensor_parallel: int, target: Target) -> Line:
+def generation_copy(config: DecoderConfig, ppo, generation, target: Target, slots: int = 0) -> Line:
     """The actor's generation copy (compute dtype, tensor-parallel), its KV cache, and one prefill
-    layer's working set. The prompts are prefilled once into a cache of their own rows; with n
-    samples per prompt it is repeated into prompts x n rows, both alive while it is copied."""
+    layer's working set, for the engine `decode_engine` picks with `slots`.
+
+    Static: the prompts are prefilled once into a cache of their own rows; with n samples per
+    prompt it is repeated into prompts x n rows, both alive while it is copied. Refill: a cache of
+    `slots` rows, and the largest admission's prompts (the first fill of every slot) prefilled into
+    a prompt-length cache that is copied into the slots."""
+    tensor_parallel = generation.tensor_parallel
     mesh = target.generation_mesh(tensor_parallel)
     gen = generation_config(config)
     state = nnx.state(nnx.eval_shape(lambda: CausalLM(gen, nnx.Rngs(0))))
     weights = device_bytes(state, target.generation_rules, mesh)
     local = lambda rows: -(-rows // mesh.shape["fsdp"])
-    prompts, decoded = local(generated_prompts(ppo)), local(rollout_rows(ppo))
+    rows = rollout_rows(ppo)
+    engine, slots = decode_engine(dataclasses.replace(generation, slots=slots), rows)
     kv_heads = gen.num_kv_heads // tensor_parallel if gen.num_kv_heads % tensor_parallel == 0 else gen.num_kv_heads
     seq = ppo.max_prompt_seq_len + ppo.max_answer_seq_len
-    row_bytes = 2 * gen.num_layers * kv_heads * seq * gen.head_dim * jnp.dtype(gen.compute_dtype).itemsize
-    cache = row_bytes * (decoded + (prompts if ppo.samples_per_prompt > 1 else 0))
+    token_bytes = 2 * gen.num_layers * kv_heads * gen.head_dim * jnp.dtype(gen.compute_dtype).itemsize
+    if engine == "refill":
+        first_fill = Admission.of(min(slots, rows), ppo.samples_per_prompt, generated_prompts(ppo))
+        prompts = first_fill.prompts  # prefilled whole on every device (a small chunk)
+        cache = token_bytes * (local(min(slots, rows)) * seq + (prompts + first_fill.rows) * ppo.max_prompt_seq_len)
+    else:
+        prompts = local(generated_prompts(ppo))
+        cache = token_bytes * seq * (local(rows) + (prompts if ppo.samples_per_prompt > 1 else 0))
     prefill = block_residual_bytes(tensor_local(gen, tensor_parallel), prompts, ppo.max_prompt_seq_len, "none")
+    if target.platform == "cpu":
+        prefill += cpu_upcast(config, weights)
     return Line("generation copy", weights, working=prefill, cache=cache)

@@ -115,6 +115,9 @@ def run_iteration(loop: PPOLoop, state: PPOState, iteration: int, kl_coef: float
     stats.update(reward_metrics)
     phases = PhaseTimes(timings, reward_metrics.get("time/reward_fn_s", 0.0), experience_s, train_s)
     stats.update(iteration_timings(phases, rollout.tokens, rollout.attention_mask, loop))
+    # How full the decode steps ran: static waits for the longest answer, refill keeps slots busy.
+    stats["generation/decode_steps"] = float(rollout.steps)
+    stats["generation/occupancy"] = float(rollout.occupancy)
     return state, stats
 
 
