@@ -23,7 +23,8 @@ generation (every row decodes until the batch's longest answer) and refill (`--s
 time, each freed slot refilled from the queue). Answer lengths are fixed per row so that both do
 exactly the same work: log-normal with median --new-tokens/8 ("longtail"), or all at the maximum
 ("fixed"); EOS is suppressed and each row ends at its length. Reports useful (answer) tokens/s,
-decode steps, mean slot occupancy and refill/static; with --memory, the compiled memory of both.
+decode steps, mean slot occupancy and refill/static; with --memory, the compiled memory of both
+(refill's at --batch rows and at four times as many, the same slots).
 
     PYTHONPATH=$PWD JAX_PLATFORMS=cpu python scripts/bench_generate.py --lengths longtail --hidden 512 \\
         --layers 8 --batch 256 --prompt-len 32 --new-tokens 256 --slots 64
@@ -167,7 +168,11 @@ def report_memory(args):
     """Compile-only report from shapes (see the module docstring)."""
     import jax
 
-    from jaxrlhf.generation.compiled_report import generation_report, samples_per_prompt_flops
+    from jaxrlhf.generation.compiled_report import (
+        generation_report,
+        refill_memory_summary,
+        samples_per_prompt_flops,
+    )
     from jaxrlhf.models import DecoderConfig
 
     shape = hf_config(args, max_len=args.prompt_len + args.new_tokens).to_dict()
@@ -183,6 +188,8 @@ def report_memory(args):
     if args.samples_per_prompt > 1:
         n = args.samples_per_prompt
         print(samples_per_prompt_flops(config, args.batch, args.prompt_len, args.new_tokens, n).summary(n))
+    if args.lengths:  # the engines compared: refill's memory at these rows and four times as many
+        print(refill_memory_summary(config, args.batch, args.prompt_len, args.new_tokens, args.slots))
 
 
 def answer_lengths(args):
@@ -234,14 +241,17 @@ def compare_engines(args, ids, mask):
         print(f"compiling and timing {name}", file=sys.stderr)
         out = run()
         results[name] = (best_of(args.repeats, run), out)
-    same = np.array_equal(results["static"][1].tokens, results["refill"][1].tokens)
+    # float32: the same tokens (tests/test_refill.py); bf16 rounds prefills of other batch shapes
+    # differently, which can flip a near-tie of random weights. The work is the same either way:
+    # every row ends at its own fixed length.
+    same_rows = (np.asarray(results["static"][1].tokens) == np.asarray(results["refill"][1].tokens)).all(1)
     useful = int(lengths.sum())
     device = jax.devices()[0].device_kind
     print(
         f"{args.model_type} hidden {args.hidden}, {args.layers} layers, {args.batch} rows x ({args.prompt_len} + "
         f"up to {args.new_tokens}), {args.lengths} lengths (mean {lengths.mean():.1f}, median "
         f"{np.median(lengths):.0f}, max {lengths.max()}), {args.slots} slots, {args.dtype}, jax {jax.__version__} "
-        f"on {device}; same tokens: {same}"
+        f"on {device}; rows with the same tokens: {same_rows.sum()}/{len(same_rows)}"
     )
     print("| engine | seconds | useful tok/s | decode steps | mean occupancy |")
     print("|---|---|---|---|---|")
@@ -249,8 +259,8 @@ def compare_engines(args, ids, mask):
         print(f"| {name} | {seconds:.2f} | {useful / seconds:,.0f} | {int(out.steps)} | {float(out.occupancy):.1%} |")
     ratio = results["static"][0] / results["refill"][0]
     print(f"refill / static useful tokens/s: {ratio:.2f}x")
-    if not same:
-        raise SystemExit("refill and static generated different tokens")
+    if args.dtype == "float32" and not same_rows.all():
+        raise SystemExit("refill and static generated different tokens in float32")
     return ratio
 
 

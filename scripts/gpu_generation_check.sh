@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 9's GPU checks in one call, most important first, each phase under its own timeout, logs in $OUT.
+# Issue 9's (and 20's) GPU checks in one call, most important first, each phase under its own timeout, logs in $OUT.
 #   device machine:  source .whl/preamble.sh && bash scripts/gpu_generation_check.sh
 #   CPU dry run:     OUT=/tmp/out JAX_PLATFORMS=cpu bash scripts/gpu_generation_check.sh --tiny
 set -u
@@ -26,4 +26,8 @@ phase generate_reference "$T" python scripts/bench_generate.py $SHAPE --attentio
 phase generate_pallas "$T" python scripts/bench_generate.py $SHAPE --attention pallas --no-torch --append "$OUT/rows.md"
 # 4. XLA's bytes accessed per decode step against the ideal, and the compiled memory.
 phase memory "$T" python scripts/bench_generate.py $SHAPE --memory
+# 5. The refill engine against static generation on long-tailed and on fixed answer lengths (issue 20).
+if [ "${1:-}" = "--tiny" ]; then REFILL="--batch 16 --slots 4 --new-tokens 32"; else REFILL="--batch 256 --slots 64"; fi
+phase refill_longtail "$T" python scripts/bench_generate.py $SHAPE $REFILL --lengths longtail --attention reference
+phase refill_fixed "$T" python scripts/bench_generate.py $SHAPE $REFILL --lengths fixed --attention reference
 cat "$OUT/summary.txt"

@@ -66,6 +66,17 @@ def test_prompt_eval_side_by_side(model_dirs, tmp_path, capsys):
     assert out.count("==== prompt") == 2 and out.count("baseline:") == 2 and out.count("finetuned:") == 2
 
 
+def test_prompt_eval_refill_gives_the_static_answers(model_dirs, tmp_path, capsys):
+    """Greedy answers to three prompts, by 2 refilled slots and statically: the same text."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Human: hello\nHuman: how are you\nHuman: tell me a story\n")
+    outputs = []
+    for engine in (["--engine", "static"], ["--engine", "refill", "--slots", "2"]):
+        assert prompt_eval.main([*model_dirs, "--prompts", str(prompts), "--max-new-tokens", "6", *engine]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].count("==== prompt") == 3
+
+
 def test_prompt_eval_missing_directory(model_dirs, capsys):
     assert prompt_eval.main(["/no/such/model", model_dirs[1]]) == 2
     assert "/no/such/model: model directory does not exist" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The memory planner against XLA's own accounting, remat: auto, and refusals before any work."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -153,19 +154,30 @@ def test_a_critic_free_run_on_reward_functions_plans_the_actor_alone():
 
 def test_a_critic_free_step_3_compiles_from_shapes(tmp_path):
     """The dry run of GRPO (4 samples of 8 prompts, a reward function, no reference) on 2
-    simulated devices: the generate program with its samples, the experience and the update
-    without the critic, the reward model and the reference."""
+    simulated devices: the generate program with its samples (by the refill engine, 8 slots for
+    the 32 rows), the experience and the update without the critic, the reward model and the
+    reference."""
     config = load_config(
         ["steps=[ppo]", f"output_dir={tmp_path}", *GRPO, "ppo.prompts_per_iteration=8", "ppo.ppo_epochs=1"]
-        + ["ppo.actor_model.path=builtin"],  # no SFT export to start from
+        + ["ppo.actor_model.path=builtin"]  # no SFT export to start from
+        + ["generation.engine=refill", "generation.slots=8"],
         check_data_files=False,
     )
     devices = jax.devices()[:2]
     plans = plan_for_devices(config, devices)
     assert [line.role for line in plans[0].lines] == ["actor", "actor EMA", "generation copy"]
+    assert plans[0].lines[-1].cache < plan_for_devices(refilled(config, 0), devices)[0].lines[-1].cache
     rows = list(dry_run_rows(config, plans, devices))
     assert [phase for _, phase, _, _ in rows] == ["generate", "experience", "update"]
     assert all(xla > 0 and planned > 0 for _, _, xla, planned in rows)
+    generate_xla, generate_planned = rows[0][2], rows[0][3]
+    assert 0.7 < generate_xla / generate_planned < 1.3, (generate_xla, generate_planned)
+
+
+def refilled(config, slots: int):
+    config = copy.deepcopy(config)
+    config.generation.engine, config.generation.slots = ("refill", slots) if slots else ("static", 0)
+    return config
 
 
 def test_dpo_is_planned_with_its_frozen_reference():
@@ -283,3 +295,23 @@ def test_plan_refuses_batch_sizes_train_would_refuse(tmp_path, monkeypatch, caps
     assert len(lines) == 1 and lines[0].startswith("error: sft.batch_size=32"), lines
     assert "do not divide over the 3 data-parallel devices" in lines[0]
     assert plan_main([*argv[:-1], "4"], monkeypatch) == 0
+
+
+def test_the_planner_gives_the_refill_engine_fewer_slots_when_the_rows_cache_does_not_fit():
+    """generation.engine auto: with room for every row's KV cache, static generation (no slots);
+    on a device with room for about half of it, the most slots that fit, a multiple of the row
+    shards, written into the config, which then generates by refill."""
+    from jaxrlhf.evaluation import decode_engine
+
+    roomy = step3("plan.device_memory_gib=1000")
+    assert roomy.slots == 0 and "slots" not in roomy.choice()
+    copy, generate = roomy.lines[-1], roomy.phases["generate"]
+    fraction = dschat().plan.usable_fraction
+    gib = (generate - copy.cache // 2) / GIB / fraction
+    tight = step3(f"plan.device_memory_gib={gib}")
+    assert 0 < tight.slots < 64 and f"generation.slots={tight.slots}" in tight.choice()
+    assert tight.phases["generate"] <= tight.budget < roomy.phases["generate"]
+    assert tight.lines[-1].cache <= copy.cache // 2
+    config = resolved(dschat(f"plan.device_memory_gib={gib}"), [tight])
+    assert config.generation.slots == tight.slots
+    assert decode_engine(config.generation, 64) == ("refill", tight.slots)

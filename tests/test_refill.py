@@ -11,11 +11,12 @@ import pytest
 from flax import nnx
 from hf_fixtures import padded_batch, save_tiny_model, tiny_hf_configs
 
-from jaxrlhf.generation.compiled_report import abstract_generation_model
+from jaxrlhf.generation.compiled_report import generate_temp_bytes
 from jaxrlhf.generation.generate import SamplingSettings, generate_from_state
 from jaxrlhf.generation.hybrid_engine import HybridEngine
 from jaxrlhf.generation.layout import to_generation_layout
 from jaxrlhf.models import DecoderConfig, load_pretrained
+from jaxrlhf.models.decoder import CausalLM
 from jaxrlhf.parallel import TRAINING_RULES, make_mesh
 
 EOS, PAD, NEW = 7, 1, 10
@@ -121,14 +122,6 @@ def test_slots_must_divide_over_the_data_axes(model_dir):
         HybridEngine(graphdef, (state,), mesh, 2, refill(static_settings(True), 6))
 
 
-def compiled_temp_bytes(config, rows: int, settings: SamplingSettings, prompt_len: int) -> int:
-    graphdef, state = abstract_generation_model(config)
-    ids = jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32)
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-    compiled = generate_from_state.lower(graphdef, state, ids, ids, key, settings).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
-
-
 def test_refill_memory_grows_with_slots_not_rows():
     """XLA's temporary memory: 4x the rows at the same slots adds only the [rows, new] outputs;
     twice the slots adds about a slot cache's worth per slot."""
@@ -136,12 +129,32 @@ def test_refill_memory_grows_with_slots_not_rows():
     prompt_len, new = 64, 64
     settings = refill(SamplingSettings(eos_id=EOS, pad_id=PAD, max_new_tokens=new, greedy=True), 8, 4)
     slot_cache = 2 * config.num_layers * config.num_kv_heads * (prompt_len + new) * config.head_dim * 4
-    small = compiled_temp_bytes(config, 32, settings, prompt_len)
-    many_rows = compiled_temp_bytes(config, 128, settings, prompt_len)
-    more_slots = compiled_temp_bytes(config, 32, dataclasses.replace(settings, slots=16), prompt_len)
-    static = compiled_temp_bytes(config, 128, dataclasses.replace(settings, engine="static"), prompt_len)
+    small = generate_temp_bytes(config, 32, prompt_len, settings)
+    many_rows = generate_temp_bytes(config, 128, prompt_len, settings)
+    more_slots = generate_temp_bytes(config, 32, prompt_len, dataclasses.replace(settings, slots=16))
+    static = generate_temp_bytes(config, 128, prompt_len, dataclasses.replace(settings, engine="static"))
     per_row_outputs = 3 * 4 * new + 4 * 2 * prompt_len  # tokens, log-probs, mask; the prompts' copies
     print(f"slot cache {slot_cache}: 32 rows {small}, 128 rows {many_rows}, 16 slots {more_slots}, static {static}")
     assert many_rows - small <= 96 * per_row_outputs * 1.5
     assert more_slots - small >= 8 * slot_cache
     assert static > many_rows + 100 * slot_cache  # static holds a cache row for every row
+
+
+def test_refill_with_the_pallas_kernel_and_a_sliding_window(tmp_path):
+    """bfloat16 like a real run: the Mosaic GPU decode kernel (interpret mode on CPU) reads each
+    slot's own key range, narrowed by a window shorter than the answers (without a window:
+    test_generate's kernel test); the tokens are static generation's with the reference attention."""
+    ids, mask = prompts()
+    path = save_tiny_model("llama_mqa_headdim64", str(tmp_path))
+    model = to_generation_layout(load_pretrained(path, dtype="bfloat16", param_dtype="bfloat16"))
+    state = nnx.state(model)
+
+    def tokens(window, **engine):
+        config = dataclasses.replace(model.config, sliding_window=window)
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: CausalLM(config, nnx.Rngs(0))))
+        settings = dataclasses.replace(static_settings(True), **engine)
+        return np.asarray(generate_from_state(graphdef, state, ids, mask, jax.random.key(0), settings).tokens)
+
+    expected = tokens(5, attention="reference")
+    np.testing.assert_array_equal(tokens(5, attention="pallas", engine="refill", slots=3), expected)
+    np.testing.assert_array_equal(tokens(5, attention="reference", engine="refill", slots=3), expected)

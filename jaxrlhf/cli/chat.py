@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from jaxrlhf.cli.common import Parser, number, require_model_dir, run_or_exit_2
+from jaxrlhf.cli.common import Parser, add_engine_flags, engine_settings, number, require_model_dir, run_or_exit_2
 from jaxrlhf.generation.prompting import TextGenerator
 
 HUMAN, ASSISTANT = "\n\nHuman: ", "\n\nAssistant:"
@@ -36,8 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--greedy", action="store_true")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--tensor-parallel", type=number(int, low=1), default=1)
+    add_engine_flags(parser)
     args = parser.parse_args(argv)
     sampling = dict(
+        **engine_settings(args),
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,

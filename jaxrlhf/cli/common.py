@@ -58,3 +58,15 @@ def run_or_exit_2(body: Callable[[], int]) -> int:
             raise
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """--engine and --slots: static generation, or refilled decode slots (the same answers)."""
+    parser.add_argument(
+        "--engine", default="static", choices=["static", "refill"], help="refill: --slots rows at a time"
+    )
+    parser.add_argument("--slots", type=number(int, low=0), default=0, help="refill: decode slots (0: one per prompt)")
+
+
+def engine_settings(args) -> dict:
+    return dict(engine=args.engine, slots=args.slots)

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from jaxrlhf.cli.common import Parser, number, require_model_dir, run_or_exit_2
+from jaxrlhf.cli.common import Parser, add_engine_flags, engine_settings, number, require_model_dir, run_or_exit_2
 from jaxrlhf.generation.prompting import TextGenerator
 
 DEFAULT_PROMPTS = [
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", help="a text file (one prompt per line) or .jsonl with a 'prompt' field")
     parser.add_argument("--max-new-tokens", type=number(int, low=1), default=48)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_engine_flags(parser)
     args = parser.parse_args(argv)
 
     def side_by_side() -> int:
@@ -65,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             require_model_dir(path)
         prompts = read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
         answers = [
-            TextGenerator(path, args.dtype, max_new_tokens=args.max_new_tokens, greedy=True).answers(prompts)
+            TextGenerator(
+                path, args.dtype, max_new_tokens=args.max_new_tokens, greedy=True, **engine_settings(args)
+            ).answers(prompts)
             for path in (args.baseline_dir, args.finetuned_dir)
         ]
         for prompt, baseline, finetuned in zip(prompts, *answers):

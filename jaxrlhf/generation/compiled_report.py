@@ -232,3 +232,26 @@ def _root_opcode(computations, rest: str) -> str | None:
             match = _INSTRUCTION.match(line)
             return match.group(4) if match else None
     return None
+
+
+def generate_temp_bytes(config: DecoderConfig, rows: int, prompt_len: int, settings: SamplingSettings) -> int:
+    """XLA's temporary memory for the whole generate program of `rows` prompts (cache included)."""
+    graphdef, state = abstract_generation_model(config)
+    ids = jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32)
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    compiled = generate_from_state.lower(graphdef, state, ids, ids, key, settings).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def refill_memory_summary(config: DecoderConfig, rows: int, prompt_len: int, new_tokens: int, slots: int) -> str:
+    """The refill engine's temporary memory at `rows` and 4 x `rows` (the same slots) against static
+    generation's: what grows with the rows is only the [rows, new] outputs."""
+    refill = SamplingSettings(eos_id=0, pad_id=0, max_new_tokens=new_tokens, greedy=True, engine="refill", slots=slots)
+    static = dataclasses.replace(refill, engine="static", slots=0)
+    gb = lambda n: f"{n / 1e9:.3f} GB"
+    cells = [
+        f"{count} rows: refill {gb(generate_temp_bytes(config, count, prompt_len, refill))}, "
+        f"static {gb(generate_temp_bytes(config, count, prompt_len, static))}"
+        for count in (rows, 4 * rows)
+    ]
+    return f"generate temporary memory with {slots} refill slots vs static: " + "; ".join(cells)

@@ -90,8 +90,9 @@ def plan_ppo(ppo, generation, configs: dict[str, DecoderConfig], target: Target,
     if ppo.ema_decay > 0:
         lines.append(Line("actor EMA", trained["actor"].params))
     resident = sum(line.weights + line.optimizer for line in lines)
-    slots = planned_slots(configs["actor"], ppo, generation, target, resident)
-    generation_line = generation_copy(configs["actor"], ppo, generation, target, slots)
+    weights = generation_weights(configs["actor"], generation.tensor_parallel, target)
+    slots = planned_slots(configs["actor"], ppo, generation, target, resident, weights)
+    generation_line = generation_copy(configs["actor"], ppo, generation, target, slots, weights)
     lines.append(generation_line)
     phases = {
         "generate": resident + generation_line.weights + generation_line.cache + generation_line.working,
@@ -101,7 +102,7 @@ def plan_ppo(ppo, generation, configs: dict[str, DecoderConfig], target: Target,
     return StepPlan("ppo", target.mesh_shape, lines, phases, remat, accum, target.budget, slots)
 
 
-def planned_slots(config: DecoderConfig, ppo, generation, target: Target, resident: int) -> int:
+def planned_slots(config: DecoderConfig, ppo, generation, target: Target, resident: int, weights: int) -> int:
     """The configured decode slots; for "auto" without a count (0), the most that let the generate
     phase fit beside the `resident` bytes, halving from one per row (0 where all rows fit)."""
     if generation.slots or generation.engine == "static" or target.budget is None:
@@ -109,7 +110,7 @@ def planned_slots(config: DecoderConfig, ppo, generation, target: Target, reside
     shards = target.generation_mesh(generation.tensor_parallel).shape["fsdp"]
     slots = rollout_rows(ppo)
     while slots > shards:
-        line = generation_copy(config, ppo, generation, target, slots)
+        line = generation_copy(config, ppo, generation, target, slots, weights)
         if resident + line.weights + line.cache + line.working <= target.budget:
             break
         slots = max(shards, slots // 2 // shards * shards)
@@ -158,7 +159,13 @@ def cpu_upcast(config: DecoderConfig, weight_bytes: int) -> int:
     return 2 * weight_bytes if jnp.dtype(config.compute_dtype).itemsize < 4 else 0
 
 
-def generation_copy(config: DecoderConfig, ppo, generation, target: Target, slots: int = 0) -> Line:
+def generation_weights(config: DecoderConfig, tensor_parallel: int, target: Target) -> int:
+    """Bytes per device of the actor's generation copy (compute dtype, generation layout)."""
+    state = nnx.state(nnx.eval_shape(lambda: CausalLM(generation_config(config), nnx.Rngs(0))))
+    return device_bytes(state, target.generation_rules, target.generation_mesh(tensor_parallel))
+
+
+def generation_copy(config: DecoderConfig, ppo, generation, target: Target, slots: int, weights: int) -> Line:
     """The actor's generation copy (compute dtype, tensor-parallel), its KV cache, and one prefill
     layer's working set, for the engine `decode_engine` picks with `slots`.
 
@@ -169,8 +176,6 @@ def generation_copy(config: DecoderConfig, ppo, generation, target: Target, slot
     tensor_parallel = generation.tensor_parallel
     mesh = target.generation_mesh(tensor_parallel)
     gen = generation_config(config)
-    state = nnx.state(nnx.eval_shape(lambda: CausalLM(gen, nnx.Rngs(0))))
-    weights = device_bytes(state, target.generation_rules, mesh)
     local = lambda rows: -(-rows // mesh.shape["fsdp"])
     rows = rollout_rows(ppo)
     engine, slots = decode_engine(dataclasses.replace(generation, slots=slots), rows)
