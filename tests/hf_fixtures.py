@@ -85,13 +85,25 @@ def tiny_hf_configs():
             bos_token_id=0,
             eos_token_id=2,
         ),
+        # GPT-J: head_dim 16, interleaved rotary on the first 6 dims of each head
+        "gptj": transformers.GPTJConfig(
+            vocab_size=VOCAB,
+            n_embd=64,
+            n_inner=96,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            rotary_dim=6,
+            bos_token_id=0,
+            eos_token_id=2,
+        ),
     }
 
 
 def save_tiny_model(name: str, directory: str, seed: int = 0, centred_biases: bool = False) -> str:
     """Random weights (std large enough that logits differ meaningfully), saved by transformers.
     Vectors are drawn from [0.5, 1.5]; with `centred_biases` every bias from N(0, 0.1) instead
-    (norm weights stay), so that biases on every projection (GPT-NeoX, GPT-2) do not swamp the
+    (norm weights stay), so that biases on every projection (GPT-NeoX, GPT-2, GPT-J) do not swamp the
     tokens and greedy answers vary."""
     import torch
     import transformers

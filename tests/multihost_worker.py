@@ -37,7 +37,7 @@ global_mask = jax.make_array_from_callback(mask.shape, rows, lambda index: mask[
 graphdef, state = nnx.split(model)
 logits = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m))(state, global_ids, global_mask)
 gathered = multihost_utils.process_allgather(logits, tiled=True)
-save_pretrained(model, out_path + ".export")  # every process gathers, process 0 writes
+save_pretrained(model, out_path + ".export")  # every process writes the slices of its own devices
 if process_id == 0:
     np.save(out_path, np.asarray(gathered))
 print(f"process {process_id} done", flush=True)

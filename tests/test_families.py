@@ -1,5 +1,5 @@
-"""GPT-NeoX/Pythia and GPT-2 against transformers: logits, greedy generation, the HF round trip
-(causal LM and value model), tensor parallelism, and LoRA SFT and PPO started from GPT-NeoX."""
+"""GPT-NeoX/Pythia, GPT-2 and GPT-J against transformers: logits, greedy generation, the HF round
+trip (causal LM and value model), tensor parallelism, and LoRA SFT and PPO started from GPT-NeoX."""
 
 import json
 import os
@@ -20,7 +20,7 @@ from jaxrlhf.models.families import FAMILIES, family
 from jaxrlhf.models.lora import apply_lora
 from jaxrlhf.parallel import GENERATION_RULES, TRAINING_RULES, make_mesh, shard_model
 
-VARIANTS = ["neox_parallel_rot25", "neox_sequential_rot50", "gpt2"]
+VARIANTS = ["neox_parallel_rot25", "neox_sequential_rot50", "gpt2", "gptj"]
 LENGTHS = [12, 7, 3, 10]
 EOS, PAD, NEW = 7, 1, 10
 
@@ -51,6 +51,7 @@ def test_the_family_switches_are_read(model_dirs):
     parallel = load_pretrained(model_dirs["neox_parallel_rot25"]).config
     sequential = load_pretrained(model_dirs["neox_sequential_rot50"]).config
     gpt2 = load_pretrained(model_dirs["gpt2"]).config
+    gptj = load_pretrained(model_dirs["gptj"]).config
     assert (parallel.parallel_residual, parallel.rotary_dim, parallel.head_dim) == (True, 4, 16)
     assert (sequential.parallel_residual, sequential.rotary_dim, sequential.qkv_bias) == (False, 8, False)
     assert (gpt2.positions, gpt2.activation, gpt2.norm_eps, gpt2.tie_word_embeddings) == (
@@ -59,6 +60,40 @@ def test_the_family_switches_are_read(model_dirs):
         1e-6,
         True,
     )
+    assert (gptj.parallel_residual, gptj.shared_norm, gptj.rotary_interleaved, gptj.rotary_dim) == (True, True, True, 6)
+    assert (gptj.qkv_bias, gptj.out_bias, gptj.mlp_bias, gptj.lm_head_bias, gptj.tie_word_embeddings) == (
+        False,
+        False,
+        True,
+        True,
+        False,
+    )
+
+
+def test_gptj_block_has_one_norm_and_the_lm_head_a_bias(model_dirs):
+    """GPT-J's ln_1 feeds both branches (no second norm to train or export); lm_head.bias is read."""
+    model = load_pretrained(model_dirs["gptj"])
+    assert model.decoder.layers.mlp_norm is None
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dirs["gptj"])
+    np.testing.assert_array_equal(np.asarray(model.lm_head_bias.get_value()), hf.lm_head.bias.detach().numpy())
+
+
+def test_interleaved_rotary_rotates_adjacent_pairs():
+    """GPT-J's rotate_every_two turns (x0, x1), (x2, x3)...; rotate_half turns (x_i, x_{i + rot/2})."""
+    from jaxrlhf.models.layers import apply_rope
+
+    x = jax.random.normal(jax.random.key(0), (1, 1, 1, 8))
+    inv_freq, positions = jnp.array([1.0, 0.5, 0.25]), jnp.array([[3]])  # rotary on 6 of 8 dims
+    angles = 3 * np.asarray(inv_freq)
+    expected = np.asarray(x[0, 0, 0]).copy()
+    for i, angle in enumerate(angles):
+        a, b = expected[2 * i], expected[2 * i + 1]
+        expected[2 * i], expected[2 * i + 1] = (
+            a * np.cos(angle) - b * np.sin(angle),
+            b * np.cos(angle) + a * np.sin(angle),
+        )
+    out = apply_rope(x, positions, inv_freq, interleaved=True)
+    np.testing.assert_allclose(np.asarray(out[0, 0, 0]), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_hf_activation_names_compute_what_transformers_does():
@@ -162,7 +197,7 @@ def test_every_family_config_maps_to_hf_and_back():
     for name, hf in tiny_hf_configs().items():
         config = DecoderConfig.from_hf(hf.to_dict())
         assert DecoderConfig.from_hf(family(config.model_type).to_hf(config)) == config, name
-    assert {module.__name__.rsplit(".", 1)[1] for module in FAMILIES} == {"llama", "opt", "gpt_neox", "gpt2"}
+    assert {module.__name__.rsplit(".", 1)[1] for module in FAMILIES} == {"llama", "opt", "gpt_neox", "gpt2", "gptj"}
 
 
 @pytest.mark.parametrize("key", ["scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"])
@@ -190,7 +225,17 @@ def test_lora_targets_take_the_familys_names(model_dirs):
         apply_lora(load_pretrained(model_dirs["gpt2"]), rank=2, alpha=4.0, target_modules=["query_key_value"])
 
 
-@pytest.mark.parametrize("name", ["neox_parallel_rot25", "gpt2"])
+def test_lora_targets_take_gptj_names(model_dirs):
+    """GPT-J's own names: q_proj, k_proj, v_proj, out_proj (our o_proj), fc_in (up_proj), fc_out (down_proj)."""
+    gptj = load_pretrained(model_dirs["gptj"])
+    targets = ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"]
+    assert apply_lora(gptj, rank=2, alpha=4.0, target_modules=targets) == 6
+    attn, mlp = gptj.decoder.layers.attn, gptj.decoder.layers.mlp
+    for dense in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.up_proj, mlp.down_proj):
+        assert dense.lora_a is not None
+
+
+@pytest.mark.parametrize("name", ["neox_parallel_rot25", "gpt2", "gptj"])
 def test_trained_adapters_merge_into_the_fused_tensors_on_export(model_dirs, name, tmp_path):
     from jaxrlhf.models.layers import LoraParam
 

@@ -11,10 +11,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from jaxrlhf.config.checks import at_least, require
+from jaxrlhf.config.checks import ConfigError, at_least, require
 from jaxrlhf.config.sections import CheckpointConfig, DataConfig, DistributedConfig, MeshConfig, PlanConfig
 from jaxrlhf.config.steps import DPOConfig, GenerationConfig, PPOConfig, RMConfig, SFTConfig
 from jaxrlhf.data.split import STEPS
+from jaxrlhf.models.safetensors_io import parse_shard_size
 
 PIPELINE = ("sft", "rm", "dpo", "ppo")  # every step, in the order they run (the default run: STEPS)
 Step = Literal[PIPELINE]
@@ -33,6 +34,9 @@ class RunConfig:
     log_every: int = 10  # optimizer steps between metric lines
     max_bad_steps: int = 10  # optimizer steps in a row with a non-finite loss or gradient (skipped) before stopping
     tensorboard: bool = True
+    # the most bytes per safetensors file of a step's HF export, in transformers' notation (5GB, 500MB,
+    # 2GiB or bytes); an export that needs more is split into files with an index, as transformers does
+    export_max_shard_size: str = "5GB"
     mesh: MeshConfig = field(default_factory=MeshConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -64,6 +68,11 @@ class RunConfig:
             f"{self.output_dir} exists and is not a directory",
         )
         at_least(self, "", 1, "log_every", "max_bad_steps")
+        try:
+            shard_size = parse_shard_size(self.export_max_shard_size)
+        except ValueError as error:
+            raise ConfigError(f"export_max_shard_size: {error}") from None
+        require(shard_size > 0, "export_max_shard_size", f"must be more than 0 bytes, got {self.export_max_shard_size}")
         for section in ("mesh", "distributed", "data", "generation", "checkpoint", "plan", "sft", "rm", "dpo"):
             getattr(self, section).validate(section)
         self.ppo.validate("ppo")

@@ -1,7 +1,7 @@
 """One decoder config for every supported family, read from a Hugging Face config.json.
 
 The families differ only in a handful of switches (norm type, position encoding, MLP shape,
-biases, where the norm sits, parallel residual); each family module in `jaxrlhf.models.families`
+biases, where the norm sits, parallel residual, rotary layout); each family module in `jaxrlhf.models.families`
 maps its config.json names onto them and back.
 """
 
@@ -41,6 +41,7 @@ class DecoderConfig:
     norm_eps: float = 1e-6
     norm_before_block: bool = True  # OPT-350m puts LayerNorm after the residual add
     parallel_residual: bool = False  # GPT-NeoX: x + attn(attn_norm(x)) + mlp(mlp_norm(x))
+    shared_norm: bool = False  # GPT-J: the parallel branches read one norm, x + attn(ln(x)) + mlp(ln(x))
     final_norm: bool = True
     activation: str = "silu"
     gated_mlp: bool = True  # SwiGLU (gate * up) vs a plain fc1 -> act -> fc2
@@ -49,13 +50,15 @@ class DecoderConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's queries and keys, before rotary
     out_bias: bool = False
     positions: str = "rope"  # "rope" or "learned" (OPT, GPT-2)
-    rotary_dim: int | None = None  # GPT-NeoX: rotary on the first rotary_dim dims of each head (None: all)
+    rotary_dim: int | None = None  # GPT-NeoX, GPT-J: rotary on the first rotary_dim dims of each head (None: all)
+    rotary_interleaved: bool = False  # GPT-J: rotate pairs (x0, x1), (x2, x3)... rather than the two halves
     rope_theta: float = 10000.0
     rope_scaling: tuple = ("__dict__",)  # hashable copy of HF's rope parameters
     learned_position_offset: int = 0  # OPT shifts position ids by 2
     word_embed_proj_dim: int | None = None  # OPT: embeddings narrower than the residual stream
     sliding_window: int | None = None
     tie_word_embeddings: bool = False
+    lm_head_bias: bool = False  # GPT-J: the LM head adds a bias per token
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"  # "none", "dots" (keep the weight matmuls' outputs) or "block": what the backward recomputes
@@ -88,7 +91,7 @@ class DecoderConfig:
 
     @property
     def rope_dim(self) -> int:
-        """How many dims of each head rotate (GPT-NeoX rotates only the first `rotary_dim`)."""
+        """How many dims of each head rotate (GPT-NeoX and GPT-J rotate only the first `rotary_dim`)."""
         return self.rotary_dim or self.head_dim
 
     @classmethod

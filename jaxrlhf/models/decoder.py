@@ -134,7 +134,8 @@ class Decoder(nnx.Module):
 
 
 class CausalLM(nnx.Module):
-    """Decoder plus the language-model head (tied to the embeddings where the checkpoint ties)."""
+    """Decoder plus the language-model head (tied to the embeddings where the checkpoint ties;
+    with a bias per token where it has one, GPT-J)."""
 
     def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
         self.config = config
@@ -146,14 +147,23 @@ class CausalLM(nnx.Module):
                 rngs, (config.embed_dim, config.vocab_size), ("embed", "vocab"), "normal", config.weight_dtype
             )
         )
+        self.lm_head_bias = (
+            make_param(rngs, (config.vocab_size,), ("vocab",), "zeros", config.weight_dtype)
+            if config.lm_head_bias
+            else None
+        )
 
     def logits(self, hidden):
         """float32 logits [batch, seq, vocab] from hidden states [batch, seq, embed_dim]."""
         if self.lm_head is None:
             table = self.decoder.embed_tokens[...].astype(self.config.compute_dtype)
-            return jnp.einsum("bte,ve->btv", hidden, table, preferred_element_type=jnp.float32)
-        head = self.lm_head[...].astype(self.config.compute_dtype)
-        return jnp.einsum("bte,ev->btv", hidden, head, preferred_element_type=jnp.float32)
+            logits = jnp.einsum("bte,ve->btv", hidden, table, preferred_element_type=jnp.float32)
+        else:
+            head = self.lm_head[...].astype(self.config.compute_dtype)
+            logits = jnp.einsum("bte,ev->btv", hidden, head, preferred_element_type=jnp.float32)
+        if self.lm_head_bias is not None:
+            logits = logits + self.lm_head_bias[...].astype(jnp.float32)
+        return logits
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
         return self.logits(self.decoder(input_ids, attention_mask, positions, segment_ids=segment_ids))

@@ -2,9 +2,11 @@
 
 Loading places each tensor straight into its target sharding: every device copies only its own
 slice out of the memory-mapped file (`jax.make_array_from_callback`), so no device, and no host
-buffer, ever holds the whole model. Per-layer HF tensors are stacked onto our leading "layers"
-axis on the way in and split again on the way out. Which HF tensor holds which parameter, and
-how (transposed, fused with others), is the family's weight map (`jaxrlhf.models.families`).
+buffer, ever holds the whole model. Saving is the mirror image: every process writes the slices
+its own devices hold straight into their place in files sized beforehand. Per-layer HF tensors
+are stacked onto our leading "layers" axis on the way in and split again on the way out. Which
+HF tensor holds which parameter, and how (transposed, fused with others), is the family's weight
+map (`jaxrlhf.models.families`).
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from jaxrlhf.checkpoint import NonFiniteValues
@@ -25,8 +29,17 @@ from jaxrlhf.models.decoder import CausalLM, ValueModel
 from jaxrlhf.models.families import family
 from jaxrlhf.models.families.base import LAYERS, Path, Tensor, View
 from jaxrlhf.models.layers import LoraParam
-from jaxrlhf.models.safetensors_io import index_checkpoint, write_safetensors
-from jaxrlhf.parallel.mesh import barrier, to_host
+from jaxrlhf.models.safetensors_io import (
+    INDEX_NAME,
+    SHARD_NAME,
+    WEIGHTS_NAME,
+    FilePlan,
+    index_checkpoint,
+    plan_files,
+    region,
+    write_strided,
+)
+from jaxrlhf.parallel.mesh import barrier
 from jaxrlhf.parallel.rules import TRAINING_RULES, Rules, state_shardings
 
 # Parameters a checkpoint may lack, e.g. the value head of a critic started from a causal LM.
@@ -185,63 +198,152 @@ def _module_at(model, module_path):
     return model
 
 
-def save_pretrained(model, path: str, dtype: str | None = None, extra_config: dict | None = None):
-    """Writes model.safetensors + config.json that transformers' from_pretrained loads
-    (AutoModelForCausalLM for a CausalLM, AutoModelForSequenceClassification for a ValueModel).
-    LoRA adapters are merged into their kernels; `dtype` (default: the parameter dtype) sets
-    the stored precision. A fused HF tensor (GPT-NeoX's query_key_value, GPT-2's c_attn) is
-    joined from its parameters. Only process 0 writes; every process must call it (gathers)."""
+def save_pretrained(
+    model, path: str, dtype: str | None = None, extra_config: dict | None = None, max_shard_size: int | str = "5GB"
+):
+    """Writes config.json and the weights that transformers' from_pretrained loads
+    (AutoModelForCausalLM for a CausalLM, AutoModelForSequenceClassification for a ValueModel):
+    model.safetensors, or when they exceed `max_shard_size` (transformers' notation: "5GB",
+    "500MB", bytes) model-0000i-of-0000N.safetensors files and model.safetensors.index.json.
+    LoRA adapters are merged into their kernels; `dtype` (default: the parameter dtype) sets the
+    stored precision; a NaN or inf refuses the export. Every process must call it when the model
+    spans processes: each writes only the slices its own devices hold, straight into place (see
+    `_write_slices`), so no host holds the model or a whole sharded tensor. A model on one
+    process's devices is written by process 0 alone.
+
+    The files are planned from shapes alone (the same plan on every process), created at full
+    size in <path>.tmp-export by process 0 (on a filesystem every process sees), filled by every
+    process, and moved into `path` by process 0 once all have written (`_install`)."""
     config: DecoderConfig = model.config
     out_dtype = np.dtype(dtype or config.param_dtype)
-    values = {}
-    for param_path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if isinstance(variable, LoraParam):
-            continue
-        if param_path[-1] == "kernel":  # LoRA adapters, if any, folded in
-            value = to_host(_module_at(model, param_path[:-1]).merged_kernel())
-        else:
-            value = to_host(variable.get_value())
-        if not np.isfinite(value).all():
-            raise NonFiniteValues(f"refusing to export {path}: {'.'.join(map(str, param_path))} holds a NaN or inf")
-        values[param_path] = value
-    tensors = []
-    for tensor in family(config.model_type).weights(config):
-        present = [param_path in values for param_path, _ in tensor.parts]
-        if not any(present):
-            continue
-        if not all(present):
-            raise ValueError(f"{tensor.name}: the model has only some of the parameters it joins")
-        layers = range(config.num_layers) if _is_stacked(tensor.parts[0][0]) else [None]
-        for i in layers:
-            join = lambda tensor=tensor, i=i: _join(tensor, values, i, out_dtype)
-            tensors.append((tensor.name.format(i=i), tensor.shape, out_dtype, join))
-    if jax.process_index() != 0:
+    params = [(p, v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)) if not isinstance(v, LoraParam)]
+    spanning = any(not v.get_value().is_fully_addressable for _, v in params)
+    if not spanning and jax.process_index() != 0:
         return
-    os.makedirs(path, exist_ok=True)
-    write_safetensors(os.path.join(path, "model.safetensors"), sorted(tensors, key=lambda t: t[0]))
+    sync = barrier if spanning else lambda name: None
+    order = [param_path for param_path, _ in params]
+    plan = plan_files([(name, shape, out_dtype) for name, shape in _exported_tensors(config, order)], max_shard_size)
+    tensors = weight_map(config)
+    tmp, lead = f"{path}.tmp-export", jax.process_index() == 0
+    if lead:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        plan.create(tmp)
+    sync(f"jaxrlhf export {path}: files created")
+    files = {name: os.open(os.path.join(tmp, name), os.O_WRONLY) for name in plan.headers}
+    bad = len(order)  # the first parameter with a NaN or inf in a slice this process wrote
+    try:
+        for n, (param_path, variable) in enumerate(params):
+            tensor, view = tensors[param_path]
+            layers = config.num_layers if _is_stacked(param_path) else None
+            value = _exported_value(model, param_path, variable)
+            if not _write_slices(value, tensor, view, layers, out_dtype, plan, files, spanning):
+                bad = min(bad, n)
+    finally:
+        for fd in files.values():
+            os.close(fd)
+    sync(f"jaxrlhf export {path}: slices written")
+    if spanning:  # what every process found, so that all refuse together
+        bad = int(multihost_utils.process_allgather(np.int32(bad)).min())
+    if bad < len(order):
+        if lead:
+            shutil.rmtree(tmp)
+        raise NonFiniteValues(f"refusing to export {path}: {'.'.join(map(str, order[bad]))} holds a NaN or inf")
+    if lead:
+        _write_json(os.path.join(tmp, "config.json"), _hf_config(model, out_dtype, extra_config))
+        if plan.index() is not None:
+            _write_json(os.path.join(tmp, INDEX_NAME), plan.index())
+        _install(tmp, path)
+    sync(f"jaxrlhf export {path}: done")
+
+
+def _exported_value(model, param_path: Path, variable) -> jax.Array:
+    """The array to export for one parameter: a kernel with its LoRA adapter, if any, folded in."""
+    if param_path[-1] == "kernel":
+        return _module_at(model, param_path[:-1]).merged_kernel()
+    return variable.get_value()
+
+
+def _exported_tensors(config: DecoderConfig, present) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every HF tensor the parameters `present` fill, in the order transformers
+    saves them: the tensors before the layers, layer by layer, then the rest."""
+    weights = family(config.model_type).weights(config)
+    first_layer = min(n for n, tensor in enumerate(weights) if _is_stacked(tensor.parts[0][0]))
+    entries = []
+    for position, tensor in enumerate(weights):
+        found = [param_path in present for param_path, _ in tensor.parts]
+        if not any(found):
+            continue
+        if not all(found):
+            raise ValueError(f"{tensor.name}: the model has only some of the parameters it joins")
+        if _is_stacked(tensor.parts[0][0]):
+            entries += [((i, position), tensor.name.format(i=i), tensor.shape) for i in range(config.num_layers)]
+        else:
+            layer = -1 if position < first_layer else config.num_layers
+            entries.append(((layer, position), tensor.name, tensor.shape))
+    return [(name, shape) for _, name, shape in sorted(entries)]
+
+
+def _write_slices(array, tensor: Tensor, view: View, layers, dtype, plan: FilePlan, files: dict, spanning: bool):
+    """Writes the slices of one parameter that this process holds into the HF tensor(s) holding
+    it; returns whether they were all finite. Each device's shard (one of each replica: replica_id
+    0; an array on one process's devices only from process 0 when the model spans processes) is
+    copied to the host, cast to `dtype` and written, layer by layer if stacked, through the
+    family's view of the HF tensor. The view tells where each element lands, so a fused or
+    transposed tensor (GPT-NeoX's query_key_value, GPT-2's c_attn, any torch Linear) is written
+    by slice like any other."""
+    finite = True
+    if spanning and array.is_fully_addressable and jax.process_index() != 0:
+        return finite
+    for shard in array.addressable_shards:
+        if shard.replica_id != 0:
+            continue
+        host = np.asarray(shard.data)  # one device's slice: [layers?, ...]
+        index = shard.index if layers is None else shard.index[1:]
+        offset, strides = region(tensor.shape, dtype, view, index)
+        if layers is None:
+            blocks = [(tensor.name, host)]
+        else:
+            blocks = [(tensor.name.format(i=i), host[n]) for n, i in enumerate(range(layers)[shard.index[0]])]
+        for name, block in blocks:
+            block = block.astype(dtype, copy=False)
+            finite = finite and bool(np.isfinite(block).all())
+            file, start = plan.location[name]
+            write_strided(files[file], start + offset, strides, block)
+    return finite
+
+
+def _hf_config(model, dtype: np.dtype, extra_config: dict | None) -> dict:
+    config: DecoderConfig = model.config
     causal_lm, sequence_classification = family(config.model_type).ARCHITECTURES[config.model_type]
     hf_config = config.to_hf()
     if isinstance(model, ValueModel):
         hf_config.update(architectures=[sequence_classification], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     else:
         hf_config.update(architectures=[causal_lm])
-    hf_config.update(dtype=str(out_dtype), **(extra_config or {}))
+    hf_config.update(dtype=str(dtype), **(extra_config or {}))
     hf_config.pop("torch_dtype", None)
-    tmp = os.path.join(path, "config.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(hf_config, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(path, "config.json"))
+    return hf_config
 
 
-def _join(tensor: Tensor, values: dict, layer: int | None, dtype) -> np.ndarray:
-    """One HF tensor (of one layer) built from our parameters: each written through its view."""
-    out = np.empty(tensor.shape, dtype)
-    for param_path, view in tensor.parts:
-        target = view(out)
-        if not np.shares_memory(target, out):  # a family's view that copies would write nothing
-            raise RuntimeError(f"{tensor.name}: the view of {'.'.join(param_path)} is a copy, not a view")
-        target[...] = values[param_path] if layer is None else values[param_path][layer]
-    return out
+def _write_json(path: str, value: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+
+
+def _install(tmp: str, path: str) -> None:
+    """Moves a finished export from `tmp` into `path`, file by file, each replacing its old
+    version atomically: the weights and index first, then the old export's other weight files
+    are removed, config.json last (its presence marks a complete export)."""
+    os.makedirs(path, exist_ok=True)
+    new = set(os.listdir(tmp))
+    for name in sorted(new - {"config.json"}):
+        os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    for name in os.listdir(path):
+        if name not in new and (name in (WEIGHTS_NAME, INDEX_NAME) or SHARD_NAME.fullmatch(name)):
+            os.remove(os.path.join(path, name))
+    os.replace(os.path.join(tmp, "config.json"), os.path.join(path, "config.json"))
+    os.rmdir(tmp)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -275,11 +377,14 @@ def check_model_dir(path: str, resize_embeddings: bool = False) -> None:
     vocab_rows(path, config.vocab_size, tokenizer_size(path), resize_embeddings)
 
 
-def export_model(model, directory: str, tokenizer_source: str, extra_config: dict | None = None) -> str:
-    """Writes model (LoRA merged) + config + tokenizer files that transformers loads."""
+def export_model(
+    model, directory: str, tokenizer_source: str, extra_config: dict | None = None, max_shard_size: int | str = "5GB"
+) -> str:
+    """Writes model (LoRA merged, in files of at most `max_shard_size`) + config + tokenizer files
+    that transformers loads. Every process must call it."""
     tokenizer = load_tokenizer(tokenizer_source)
     extra = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, **(extra_config or {})}
-    save_pretrained(model, directory, extra_config=extra)
+    save_pretrained(model, directory, extra_config=extra, max_shard_size=max_shard_size)
     if jax.process_index() == 0:
         tokenizer.save_pretrained(directory)
     barrier(f"jaxrlhf export {directory}")  # later steps on every process read what process 0 wrote

@@ -139,17 +139,25 @@ def rope_inverse_frequencies(config: DecoderConfig) -> jnp.ndarray:
     return inv_freq
 
 
-def apply_rope(x, positions, inv_freq):
-    """Rotates the two halves of the first 2 * len(inv_freq) dims of each head (HF's rotate_half
-    convention); the rest pass unrotated (GPT-NeoX's partial rotary). x: [batch, seq, heads, dim]."""
+def apply_rope(x, positions, inv_freq, interleaved: bool = False):
+    """Rotates pairs of the first 2 * len(inv_freq) dims of each head, the rest passing unrotated
+    (GPT-NeoX's and GPT-J's partial rotary). Pair i is (x_i, x_{i + rot/2}), HF's rotate_half
+    convention, or with `interleaved` (x_{2i}, x_{2i+1}), GPT-J's rotate_every_two; either way it
+    turns by positions * inv_freq[i]. x: [batch, seq, heads, dim]."""
     rot = 2 * inv_freq.shape[-1]
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, seq, rot/2]
-    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
-    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
     x32 = x[..., :rot].astype(jnp.float32)
-    half = rot // 2
-    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    out = (x32 * cos + rotated * sin).astype(x.dtype)
+    if interleaved:
+        first, second = x32[..., 0::2], x32[..., 1::2]
+    else:
+        first, second = x32[..., : rot // 2], x32[..., rot // 2 :]
+    first, second = first * cos - second * sin, second * cos + first * sin
+    if interleaved:
+        out = jnp.stack([first, second], axis=-1).reshape(x32.shape)
+    else:
+        out = jnp.concatenate([first, second], axis=-1)
+    out = out.astype(x.dtype)
     return out if rot == x.shape[-1] else jnp.concatenate([out, x[..., rot:]], axis=-1)
 
 
@@ -189,6 +197,7 @@ class Attention(nnx.Module):
         self.q_norm = Norm(d, config, rngs, stack) if config.qk_norm else None
         self.k_norm = Norm(d, config, rngs, stack) if config.qk_norm else None
         self.use_rope = config.positions == "rope"
+        self.rotary_interleaved = config.rotary_interleaved
         self.implementation = config.attention
 
     def project(self, x, positions, inv_freq):
@@ -197,7 +206,8 @@ class Attention(nnx.Module):
         if self.q_norm is not None:  # per head, over head_dim
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
-            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+            rope = lambda t: apply_rope(t, positions, inv_freq, self.rotary_interleaved)
+            q, k = rope(q), rope(k)
         return q, k, v
 
     def output(self, attended):
@@ -231,23 +241,25 @@ class MLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     """Attention then MLP, each wrapped in a residual, with the norm before (default) or after;
-    or both side by side on the same input (GPT-NeoX's parallel residual)."""
+    or both side by side on the same input (GPT-NeoX's parallel residual), each with its own
+    norm or, GPT-J, both reading one (`mlp_norm` is then None)."""
 
     def __init__(self, config: DecoderConfig, rngs: nnx.Rngs, stack: int | None = None):
         self.attn_norm = Norm(config.hidden_size, config, rngs, stack)
         self.attn = Attention(config, rngs, stack)
-        self.mlp_norm = Norm(config.hidden_size, config, rngs, stack)
+        self.mlp_norm = None if config.shared_norm else Norm(config.hidden_size, config, rngs, stack)
         self.mlp = MLP(config, rngs, stack)
         self.norm_before = config.norm_before_block
-        self.parallel = config.parallel_residual
+        self.parallel = config.parallel_residual or config.shared_norm
 
     def __call__(self, x, attend):
         """x [b, t, e] -> (x, aux). `attend(attn, h) -> (out, aux)` runs the attention sub-block,
         the one place where training, prefill and a cached decode step differ (aux: e.g. the
         updated KV cache)."""
-        if self.parallel:  # x + attn(attn_norm(x)) + mlp(mlp_norm(x))
-            h, aux = attend(self.attn, self.attn_norm(x))
-            return x + h + self.mlp(self.mlp_norm(x)), aux
+        if self.parallel:  # x + attn(attn_norm(x)) + mlp(mlp_norm(x)), or one norm for both (GPT-J)
+            normed = self.attn_norm(x)
+            h, aux = attend(self.attn, normed)
+            return x + h + self.mlp(normed if self.mlp_norm is None else self.mlp_norm(x)), aux
         h = self.attn_norm(x) if self.norm_before else x
         h, aux = attend(self.attn, h)
         x = x + h

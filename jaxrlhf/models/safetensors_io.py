@@ -1,14 +1,19 @@
 """Reading and writing the safetensors format without materializing whole checkpoints.
 
 Reading memory-maps each file and hands out zero-copy numpy views, so a loader can copy just
-the slice one device needs. Writing streams one tensor at a time. bfloat16 goes through
+the slice one device needs. Writing is planned from shapes alone (which file each tensor goes
+to, at which byte), files are created at their full size, and then any process writes any slice
+of a tensor into place with pwrite, so no host needs a whole tensor. bfloat16 goes through
 ml_dtypes, which numpy alone lacks.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass
 
@@ -117,30 +122,136 @@ def check_float_tensors(directory: str, refs: dict[str, TensorRef]) -> dict[str,
     return refs
 
 
-def write_safetensors(
-    path: str, tensors: list[tuple[str, tuple[int, ...], np.dtype, callable]], metadata: dict[str, str] | None = None
-):
-    """Writes tensors given as (name, shape, dtype, produce) where produce() returns the array;
-    each array is produced only when it is written. Atomic: a tmp file is renamed at the end."""
-    header, offset = {}, 0
-    for name, shape, dtype, _ in tensors:
-        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        header[name] = {
-            "dtype": DTYPE_NAMES[np.dtype(dtype)],
-            "shape": list(shape),
-            "data_offsets": [offset, offset + size],
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def parse_shard_size(size: int | str) -> int:
+    """Bytes per file from transformers' `max_shard_size` notation: an int, "5GB" (10**9),
+    "5GiB" (2**30), likewise MB/MiB/KB/KiB; a lower-case b means bits ("5Gb" is 5GB / 8)."""
+    text = str(size).strip()
+    if text.isdigit():
+        return int(text)
+    units = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3}
+    for unit, scale in units.items():
+        number = text[: -len(unit)]
+        if text.upper().endswith(unit) and number.isdigit():
+            return int(number) * scale // (8 if text.endswith("b") and "I" not in unit else 1)
+    raise ValueError(f"max_shard_size {size!r}: use bytes or a number with a unit, e.g. 5GB, 500MB, 2GiB")
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """Which file each tensor goes to and where its bytes start, from names, shapes and dtypes
+    alone, so every process computes the same plan. `headers` holds each file's bytes before its
+    data (length + JSON), `sizes` each file's full size, `location` tensor -> (file, byte offset)."""
+
+    headers: dict[str, bytes]
+    sizes: dict[str, int]
+    location: dict[str, tuple[str, int]]
+    total_size: int
+    total_parameters: int
+
+    def create(self, directory: str) -> None:
+        """Each file with its header, extended to its full size (holes, filled by the slice writes)."""
+        for name, header in self.headers.items():
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(header)
+                f.truncate(self.sizes[name])
+
+    def index(self) -> dict | None:
+        """transformers' model.safetensors.index.json, or None for a single model.safetensors."""
+        if list(self.headers) == [WEIGHTS_NAME]:
+            return None
+        return {
+            "metadata": {"total_parameters": self.total_parameters, "total_size": self.total_size},
+            "weight_map": {name: file for name, (file, _) in sorted(self.location.items())},
         }
-        offset += size
-    header["__metadata__"] = metadata or {"format": "pt"}
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for name, shape, dtype, produce in tensors:
-            array = np.ascontiguousarray(produce(), dtype=dtype)
-            if array.shape != tuple(shape):
-                raise ValueError(f"{name}: produced shape {array.shape}, expected {tuple(shape)}")
-            f.write(array.tobytes())
-    os.replace(tmp, path)
+
+
+def plan_files(tensors: list[tuple[str, tuple[int, ...], np.dtype]], max_shard_size: int | str) -> FilePlan:
+    """Splits tensors, in order, into files of at most `max_shard_size` bytes as transformers does
+    (huggingface_hub's splitter: a larger tensor gets a file of its own at once) and names them
+    as it does: model.safetensors for one file, else model-00001-of-0000N.safetensors and an index."""
+    limit = parse_shard_size(max_shard_size)
+    groups, current, size = [], [], 0
+    for tensor in tensors:
+        nbytes = math.prod(tensor[1]) * np.dtype(tensor[2]).itemsize
+        if nbytes > limit:  # a file of its own, while the current one stays open
+            groups.append([tensor])
+            continue
+        if size + nbytes > limit:
+            groups.append(current)
+            current, size = [], 0
+        current.append(tensor)
+        size += nbytes
+    if current or not groups:
+        groups.append(current)
+    names = (
+        [WEIGHTS_NAME]
+        if len(groups) == 1
+        else [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
+    )
+    headers, sizes, location = {}, {}, {}
+    for file, group in zip(names, groups):
+        header, offset = {}, 0
+        for name, shape, dtype in group:
+            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+            header[name] = {
+                "dtype": DTYPE_NAMES[np.dtype(dtype)],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        header["__metadata__"] = {"format": "pt"}
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # data 8-byte aligned, as the safetensors library writes it
+        headers[file] = struct.pack("<Q", len(encoded)) + encoded
+        sizes[file] = len(headers[file]) + offset
+        for name in header.keys() - {"__metadata__"}:
+            location[name] = (file, len(headers[file]) + header[name]["data_offsets"][0])
+    total_size = sum(size - len(headers[file]) for file, size in sizes.items())
+    total_parameters = sum(math.prod(shape) for _, shape, _ in tensors)
+    return FilePlan(headers, sizes, location, total_size, total_parameters)
+
+
+def region(shape: tuple[int, ...], dtype: np.dtype, view, index: tuple) -> tuple[int, tuple[int, ...]]:
+    """Where `view(tensor)[index]` lies in a C-ordered tensor of `shape` (`view`: reshape,
+    transpose and indexing only): the byte offset of its first element and its byte strides.
+    Found by viewing an anonymous mapping of the tensor's size that is never touched (no memory)."""
+    buffer = mmap.mmap(-1, math.prod(shape) * np.dtype(dtype).itemsize)
+    whole = np.frombuffer(buffer, dtype=dtype).reshape(shape)
+    picked = view(whole)[index]
+    if not np.may_share_memory(picked, whole):  # a copy would be written nowhere
+        raise RuntimeError(f"a view of a {shape} tensor copies it instead of viewing it")
+    offset = picked.__array_interface__["data"][0] - whole.__array_interface__["data"][0]
+    strides = picked.strides
+    del whole, picked
+    buffer.close()
+    return offset, strides
+
+
+def write_strided(fd: int, offset: int, strides: tuple[int, ...], values: np.ndarray) -> None:
+    """Writes `values` at the file positions offset + sum(index * strides): reordered into the
+    file's order first, so that each contiguous run of the file is one pwrite. Several processes
+    may write disjoint regions of one file at once."""
+    kept = [d for d in range(values.ndim) if values.shape[d] > 1]  # size-1 dims have no stride to follow
+    order = sorted(kept, key=lambda d: -strides[d])
+    values = np.ascontiguousarray(
+        values.reshape([values.shape[d] for d in kept]).transpose([kept.index(d) for d in order])
+    )
+    shape, steps = list(values.shape), [strides[d] for d in order]
+    run = values.itemsize
+    while shape and steps[-1] == run:  # trailing dims that are contiguous in the file join one run
+        run *= shape.pop()
+        steps.pop()
+    starts = np.full((), offset, dtype=np.int64)
+    for size, step in zip(shape, steps):
+        starts = starts[..., None] + np.arange(size, dtype=np.int64) * step
+    rows = values.reshape(-1).view(np.uint8).reshape(-1, run)
+    for start, row in zip(starts.reshape(-1).tolist(), rows):
+        row = memoryview(row)
+        while row:  # a network filesystem may take part of a write
+            written = os.pwrite(fd, row, start)
+            row, start = row[written:], start + written

@@ -67,7 +67,7 @@ def run_supervised(ctx: RunContext, job: SupervisedJob) -> tuple[dict, dict]:
         model_path, job.stage.model, job.stage.lora, value_head=job.value_head, new_head=job.value_head
     )
     model, first, last = train_supervised(ctx, job, model, train_arrays, eval_arrays)
-    export_model(model, ctx.step_dir(job.name, "model"), model_path)
+    export_model(model, ctx.step_dir(job.name, "model"), model_path, max_shard_size=ctx.config.export_max_shard_size)
     return first, last
 
 

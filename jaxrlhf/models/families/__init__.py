@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from jaxrlhf.models.families import gpt2, gpt_neox, llama, opt
+from jaxrlhf.models.families import gpt2, gpt_neox, gptj, llama, opt
 
-FAMILIES: tuple[ModuleType, ...] = (llama, opt, gpt_neox, gpt2)
+FAMILIES: tuple[ModuleType, ...] = (llama, opt, gpt_neox, gpt2, gptj)
 _BY_MODEL_TYPE = {model_type: module for module in FAMILIES for model_type in module.MODEL_TYPES}
 SUPPORTED_MODEL_TYPES = tuple(_BY_MODEL_TYPE)
 

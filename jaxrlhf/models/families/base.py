@@ -3,9 +3,10 @@
 A weight map lists every Hugging Face tensor of a family and the parameters of ours it holds, each
 as a numpy *view* of the HF tensor in our layout (reshape, transpose and indexing only). Loading
 applies the view to the memory-mapped file and copies out just the slice one device needs;
-saving applies the same view to an empty HF-shaped buffer and assigns our array into it. So one
-function per parameter serves both directions, fused tensors (GPT-NeoX `query_key_value`, GPT-2
-`c_attn`) included: each of q, k, v is a different view of the one tensor.
+saving applies the same view to learn where in the file each element of a device's slice lies,
+and writes it there. So one function per parameter serves both directions, fused tensors
+(GPT-NeoX `query_key_value`, GPT-2 `c_attn`) included: each of q, k, v is a different view of
+the one tensor.
 """
 
 from __future__ import annotations
