@@ -44,7 +44,7 @@ from jaxrlhf.parallel.rules import TRAINING_RULES, Rules, state_shardings
 
 # Parameters a checkpoint may lack, e.g. the value head of a critic started from a causal LM.
 _OPTIONAL = {("value_head", "kernel")}
-_VOCAB_TABLES = {("decoder", "embed_tokens"), ("lm_head",)}
+_VOCAB_TABLES = {("decoder", "embed_tokens"), ("lm_head",), ("lm_head_bias",)}
 
 
 def weight_map(config: DecoderConfig) -> dict[Path, tuple[Tensor, View]]:

@@ -286,7 +286,9 @@ def export_roles(ctx: RunContext, run: PPORun, state: PPOState) -> None:
     if run.loop.reward_model is not None:
         models["reward_model"] = run.loop.reward_model.model(run.graphs.reward_model)
     for role, model in models.items():
-        export_model(model, ctx.step_dir("ppo", role), run.sources[role])
+        export_model(
+            model, ctx.step_dir("ppo", role), run.sources[role], max_shard_size=ctx.config.export_max_shard_size
+        )
     if jax.process_index() == 0:
         curves = ["score", "kl", "actor_loss", "clipfrac", "entropy"]
         if state.critic is not None:
