@@ -8,6 +8,8 @@ Tests over ~20 s carry `@pytest.mark.slow` (pyproject.toml registers it). CI run
 import json
 import os
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_RUN_SECONDS = 1500
 _SESSION = f"{os.getpid()}-{time.time_ns()}"  # names this session's default run (without pytest-xdist)
+_STARTED: list = []  # (directory, process) of the default run this process started
 
 
 def _default_run_dir() -> Path:
@@ -44,9 +47,20 @@ def _start_default_run(directory: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a plain CPU run
     env["JAX_PLATFORMS"] = "cpu"
     out, stdout, stderr, rc = (shlex.quote(str(directory / name)) for name in ("out", "stdout", "stderr", "rc"))
-    train = f"timeout {DEFAULT_RUN_SECONDS} {shlex.quote(sys.executable)} -m jaxrlhf.train output_dir={out}"
+    train = f"{shlex.quote(sys.executable)} -m jaxrlhf.train output_dir={out}"  # in bash's process group
     command = f"{train} > {stdout} 2> {stderr}; echo $? > {rc}.tmp && mv {rc}.tmp {rc}"
-    subprocess.Popen(["bash", "-c", command], env=env, start_new_session=True)
+    _STARTED.append((directory, subprocess.Popen(["bash", "-c", command], env=env, start_new_session=True)))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A session that stops early (-x, Ctrl-C) stops its default run too; without pytest-xdist
+    (whose workers may still read it) its directory goes."""
+    for directory, process in _STARTED:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait()
+        if not os.environ.get("PYTEST_XDIST_TESTRUNUID"):
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.hookimpl(trylast=True)  # after -k / -m have deselected
