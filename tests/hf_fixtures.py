@@ -8,6 +8,9 @@ import os
 import numpy as np
 
 VOCAB = 320
+# Gemma's caps, small enough to bite on these tiny random models' scores and logits
+GEMMA_ATTN_SOFTCAP, GEMMA_FINAL_SOFTCAP = 5.0, 10.0
+SOFTCAPPED = ("gemma2", "gemma3_text")  # transformers' sdpa cannot cap: compare with its eager attention
 
 
 def tiny_hf_configs():
@@ -97,13 +100,54 @@ def tiny_hf_configs():
             bos_token_id=0,
             eos_token_id=2,
         ),
+        # Sliding windows of 4, shorter than the test sequences, on some layers only. Qwen2: from
+        # layer 1 on (max_window_layers).
+        "qwen2_window_layers": transformers.Qwen2Config(
+            **common, num_key_value_heads=4, use_sliding_window=True, sliding_window=4, max_window_layers=1
+        ),
+        # Gemma 2: layers windowed, full, windowed; head_dim 16 (not hidden / heads), scores scaled
+        # by 24 ** -0.5, attention scores and final logits soft-capped
+        "gemma2_window4": transformers.Gemma2Config(
+            **{**common, "num_hidden_layers": 3},
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=4,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=GEMMA_ATTN_SOFTCAP,
+            final_logit_softcapping=GEMMA_FINAL_SOFTCAP,
+        ),
+        # Gemma 3: q/k norms, the windowed layers' own rotary base, linear rope scaling on the full layer
+        "gemma3_window4": transformers.Gemma3TextConfig(
+            **{**common, "num_hidden_layers": 3},
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            query_pre_attn_scalar=24,
+            final_logit_softcapping=GEMMA_FINAL_SOFTCAP,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+            },
+        ),
+        # BLOOM: 12 heads, not a power of two (HF's extra ALiBi slopes) yet split by tensor parallel 4; head_dim 8.
+        # Untied: a tiny random BLOOM with a tied LM head repeats its last token (the SFT/PPO tests' BLOOM ties).
+        "bloom": transformers.BloomConfig(
+            vocab_size=VOCAB,
+            hidden_size=96,
+            n_layer=2,
+            n_head=12,
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=2,
+        ),
     }
 
 
 def save_tiny_model(name: str, directory: str, seed: int = 0, centred_biases: bool = False) -> str:
     """Random weights (std large enough that logits differ meaningfully), saved by transformers.
     Vectors are drawn from [0.5, 1.5]; with `centred_biases` every bias from N(0, 0.1) instead
-    (norm weights stay), so that biases on every projection (GPT-NeoX, GPT-2, GPT-J) do not swamp the
+    (norm weights stay), so that biases on every projection (GPT-NeoX, GPT-2, GPT-J, BLOOM) do not swamp the
     tokens and greedy answers vary."""
     import torch
     import transformers
@@ -121,12 +165,20 @@ def save_tiny_model(name: str, directory: str, seed: int = 0, centred_biases: bo
     return path
 
 
+def torch_causal_lm(path: str):
+    """transformers' causal LM from `path`, in eval mode; Gemma with eager attention (see SOFTCAPPED)."""
+    import transformers
+
+    eager = transformers.AutoConfig.from_pretrained(path).model_type in SOFTCAPPED
+    kwargs = {"attn_implementation": "eager"} if eager else {}
+    return transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+
+
 def torch_logits(path: str, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
     """transformers' PyTorch logits, with position ids counted over real tokens as generation does."""
     import torch
-    import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    model = torch_causal_lm(path)
     kwargs = {}
     if model.config.model_type != "opt":  # OPT derives positions from the mask itself
         kwargs["position_ids"] = torch.tensor(np.maximum(attention_mask.cumsum(-1) - 1, 0))

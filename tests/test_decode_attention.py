@@ -53,6 +53,48 @@ def test_reference_matches_numpy_loop():
     assert not np.any(np.asarray(out[-1])), "the empty row must be all zeros"
 
 
+def test_reference_adds_alibi_from_each_rows_first_key():
+    """ALiBi: the key in slot s of row b sits at position s - kv_start[b] (left padding shifts nothing)."""
+    q, k_cache, v_cache, kv_start, kv_end = random_inputs(4, 4, 11, 2, 3, 8, jnp.float32)
+    slopes = np.array([0.5, 0.25, 0.125, 0.7, 0.35, 0.05], np.float32)
+    out = decode_attention_reference(q, k_cache, v_cache, kv_start, kv_end, scale=0.3, alibi_slopes=slopes)
+    q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k_cache, v_cache))
+    expected = np.zeros_like(q64)
+    for b in range(q.shape[0]):
+        start, end = int(kv_start[b]), int(kv_end[b])
+        for h in range(q.shape[1]):
+            logits = k64[b, h // 3, start:end] @ q64[b, h] * 0.3 + slopes[h] * np.arange(end - start)
+            if len(logits):
+                weights = np.exp(logits - logits.max())
+                expected[b, h] = weights @ v64[b, h // 3, start:end] / weights.sum()
+    np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="alibi_slopes must be"):
+        decode_attention_reference(q, k_cache, v_cache, kv_start, kv_end, alibi_slopes=slopes[:2])
+
+
+def test_reference_soft_caps_the_logits_and_the_kernel_refuses_to():
+    """Gemma 2: softcap * tanh(scaled logits / softcap) before the softmax; the kernel has no cap."""
+    q, k_cache, v_cache, kv_start, kv_end = random_inputs(5, 4, 11, 2, 3, 8, jnp.float32)
+    out = decode_attention_reference(10.0 * q, k_cache, v_cache, kv_start, kv_end, scale=0.3, softcap=2.0)
+    q64, k64, v64 = (np.asarray(x, np.float64) for x in (10.0 * q, k_cache, v_cache))
+    expected = np.zeros_like(q64)
+    for b in range(q.shape[0]):
+        start, end = int(kv_start[b]), int(kv_end[b])
+        for h in range(q.shape[1]):
+            logits = 2.0 * np.tanh(k64[b, h // 3, start:end] @ q64[b, h] * 0.3 / 2.0)
+            if len(logits):
+                weights = np.exp(logits - logits.max())
+                expected[b, h] = weights @ v64[b, h // 3, start:end] / weights.sum()
+    np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
+    uncapped = decode_attention_reference(10.0 * q, k_cache, v_cache, kv_start, kv_end, scale=0.3)
+    assert np.abs(np.asarray(uncapped) - expected).max() > 1e-2  # the cap matters here
+    assert choose_implementation("auto", jnp.bfloat16, 64, softcap=50.0) == "reference"
+    with pytest.raises(ValueError, match="^attention=pallas: the kernel does not soft-cap attention logits"):
+        choose_implementation("pallas", jnp.bfloat16, 64, softcap=50.0)
+    with pytest.raises(ValueError, match="does not soft-cap"):
+        decode_attention(q, k_cache, v_cache, kv_start, kv_end, implementation="pallas", softcap=50.0)
+
+
 # batch, max_len, kv_heads, group, head_dim, dtype, num_splits, block_kv, num_stages
 KERNEL_CASES = [
     (3, 128, 2, 1, 64, jnp.bfloat16, 2, 64, 2),  # plain multi-head attention (OPT)
@@ -118,6 +160,11 @@ def test_dispatcher_and_bad_input():
         choose_implementation("pallas", jnp.float32, 64)
     with pytest.raises(ValueError, match="head_dim a multiple of 64, not 8"):
         choose_implementation("pallas", jnp.bfloat16, 8)
+    assert choose_implementation("auto", jnp.bfloat16, 64, alibi=True) == "reference"
+    with pytest.raises(ValueError, match="^attention=pallas: the kernel does not add ALiBi biases"):
+        choose_implementation("pallas", jnp.bfloat16, 64, alibi=True)
+    with pytest.raises(ValueError, match="does not add ALiBi biases"):
+        decode_attention(q, k_cache, v_cache, kv_start, kv_end, implementation="pallas", alibi_slopes=jnp.ones(2))
     with pytest.raises(ValueError, match="implementation='flash'"):
         decode_attention(q, k_cache, v_cache, kv_start, kv_end, implementation="flash")
     with pytest.raises(ValueError, match="q_heads=2 is not a multiple of kv_heads=3"):

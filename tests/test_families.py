@@ -1,5 +1,7 @@
-"""GPT-NeoX/Pythia, GPT-2 and GPT-J against transformers: logits, greedy generation, the HF round
-trip (causal LM and value model), tensor parallelism, and LoRA SFT and PPO started from GPT-NeoX."""
+"""GPT-NeoX/Pythia, GPT-2, GPT-J, BLOOM, Gemma 2 and 3, and per-layer sliding windows (Mistral, Qwen2,
+Gemma) against transformers: logits, greedy generation, the HF
+round trip (causal LM and value model), tensor parallelism, and LoRA SFT and PPO started from
+GPT-NeoX and BLOOM."""
 
 import json
 import os
@@ -11,7 +13,15 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from hf_fixtures import padded_batch, save_tiny_model, tiny_hf_configs, torch_logits
+from hf_fixtures import (
+    GEMMA_ATTN_SOFTCAP,
+    GEMMA_FINAL_SOFTCAP,
+    padded_batch,
+    save_tiny_model,
+    tiny_hf_configs,
+    torch_causal_lm,
+    torch_logits,
+)
 
 from jaxrlhf.generation.generate import SamplingSettings, generate_from_state
 from jaxrlhf.generation.layout import to_generation_layout
@@ -20,7 +30,9 @@ from jaxrlhf.models.families import FAMILIES, family
 from jaxrlhf.models.lora import apply_lora
 from jaxrlhf.parallel import GENERATION_RULES, TRAINING_RULES, make_mesh, shard_model
 
-VARIANTS = ["neox_parallel_rot25", "neox_sequential_rot50", "gpt2", "gptj"]
+# sliding windows of 4 (shorter than the test sequences) on every layer or some
+WINDOWED = ["mistral_window4", "qwen2_window_layers", "gemma2_window4", "gemma3_window4"]
+VARIANTS = ["neox_parallel_rot25", "neox_sequential_rot50", "gpt2", "gptj", "bloom", *WINDOWED]
 LENGTHS = [12, 7, 3, 10]
 EOS, PAD, NEW = 7, 1, 10
 
@@ -78,6 +90,44 @@ def test_gptj_block_has_one_norm_and_the_lm_head_a_bias(model_dirs):
     np.testing.assert_array_equal(np.asarray(model.lm_head_bias.get_value()), hf.lm_head.bias.detach().numpy())
 
 
+def test_bloom_reads_alibi_the_embedding_norm_and_its_gelu(model_dirs):
+    """ALiBi slopes as HF computes them for any head count (12: the 8 of a power of two, then every
+    other one of 16's); bloom_gelu_forward is the tanh GELU."""
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes, bloom_gelu_forward
+
+    from jaxrlhf.models.config import ACTIVATIONS
+    from jaxrlhf.models.layers import alibi_slopes
+
+    config = load_pretrained(model_dirs["bloom"]).config
+    assert (config.positions, config.embed_norm, config.num_heads, config.head_dim) == ("alibi", True, 12, 8)
+    assert (config.intermediate_size, config.tie_word_embeddings, config.qkv_bias, config.mlp_bias) == (
+        384,
+        False,
+        True,
+        True,
+    )
+    for heads in (1, 2, 5, 6, 8, 12, 16, 40, 112):
+        expected = _get_alibi_slopes(heads, torch.device("cpu")).numpy()
+        np.testing.assert_allclose(alibi_slopes(heads), expected, rtol=1e-6, err_msg=str(heads))
+    x = np.linspace(-4, 4, 101, dtype=np.float32)
+    expected = bloom_gelu_forward(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(np.asarray(ACTIVATIONS[config.activation](jnp.asarray(x))), expected, atol=1e-6)
+
+
+def test_bloom_residual_after_the_norm_is_refused():
+    hf = tiny_hf_configs()["bloom"].to_dict() | {"apply_residual_connection_post_layernorm": True}
+    with pytest.raises(ValueError, match="^bloom with apply_residual_connection_post_layernorm=True is not supported$"):
+        DecoderConfig.from_hf(hf)
+
+
+def test_bloom_hub_config_names_are_read():
+    """bigscience/bloom-* config.json files name the width n_embed (and some the heads num_attention_heads)."""
+    hf = tiny_hf_configs()["bloom"].to_dict()
+    old = {k: v for k, v in hf.items() if k not in ("hidden_size", "n_head")}
+    old |= {"n_embed": 96, "num_attention_heads": 12}
+    assert DecoderConfig.from_hf(old) == DecoderConfig.from_hf(hf)
+
+
 def test_interleaved_rotary_rotates_adjacent_pairs():
     """GPT-J's rotate_every_two turns (x0, x1), (x2, x3)...; rotate_half turns (x_i, x_{i + rot/2})."""
     from jaxrlhf.models.layers import apply_rope
@@ -109,7 +159,7 @@ def test_hf_activation_names_compute_what_transformers_does():
 
 
 def hf_greedy(path, ids, mask):
-    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    model = torch_causal_lm(path)
     with torch.no_grad():
         out = model.generate(
             torch.tensor(ids),
@@ -122,12 +172,17 @@ def hf_greedy(path, ids, mask):
     return np.pad(out, ((0, 0), (0, ids.shape[1] + NEW - out.shape[1])), constant_values=PAD)
 
 
-@pytest.mark.parametrize("name", VARIANTS)
-def test_greedy_equals_transformers_generate(model_dirs, name):
-    """Prefill and cached decode steps take the parallel residual, partial rotary and learned positions."""
+@pytest.mark.parametrize(
+    "name, engine",
+    [(name, "static") for name in VARIANTS] + [(name, "refill") for name in ["bloom", *WINDOWED]],
+)
+def test_greedy_equals_transformers_generate(model_dirs, name, engine):
+    """Prefill and cached decode steps take the parallel residual, partial rotary, learned positions
+    and ALiBi (its key positions counted from each row's first real slot, in the refill engine's
+    slots too)."""
     ids, mask = padded_batch([6, 3, 8, 1], 8, left=True, seed=3)
     graphdef, state = nnx.split(to_generation_layout(load_pretrained(model_dirs[name])))
-    settings = SamplingSettings(eos_id=EOS, pad_id=PAD, max_new_tokens=NEW, greedy=True)
+    settings = SamplingSettings(eos_id=EOS, pad_id=PAD, max_new_tokens=NEW, greedy=True, engine=engine, slots=2)
     out = generate_from_state(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), settings)
     np.testing.assert_array_equal(np.asarray(out.tokens), hf_greedy(model_dirs[name], ids, mask))
     assert len(np.unique(np.asarray(out.tokens)[:, 8:])) > 5  # answers that depend on the prompt
@@ -187,6 +242,29 @@ def test_tensor_parallel_equals_one_device(model_dirs, name, tensor):
         assert relative_error(np.asarray(out), single, mask) < 1e-5
 
 
+@pytest.mark.parametrize("engine", ["static", "refill"])
+def test_bloom_generation_under_tensor_parallel_4_equals_transformers(model_dirs, engine):
+    """Each device decodes 3 of the 12 heads with those heads' ALiBi slopes."""
+    from jaxrlhf.generation.hybrid_engine import HybridEngine
+
+    ids, mask = padded_batch([6, 3, 8, 1], 8, left=True, seed=3)
+    mesh = make_mesh(fsdp=8)
+    graphdef, state = nnx.split(load_pretrained(model_dirs["bloom"], mesh=mesh, rules=TRAINING_RULES))
+    settings = SamplingSettings(eos_id=EOS, pad_id=PAD, max_new_tokens=NEW, greedy=True, engine=engine, slots=2)
+    out, _ = HybridEngine(graphdef, (state,), mesh, 4, settings).generate(
+        (state,), jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0)
+    )
+    np.testing.assert_array_equal(np.asarray(out.tokens), hf_greedy(model_dirs["bloom"], ids, mask))
+
+
+def test_bloom_generation_refuses_the_pallas_kernel(model_dirs):
+    ids, mask = padded_batch([6, 3], 8, left=True)
+    graphdef, state = nnx.split(to_generation_layout(load_pretrained(model_dirs["bloom"])))
+    settings = SamplingSettings(eos_id=EOS, pad_id=PAD, max_new_tokens=2, attention="pallas")
+    with pytest.raises(ValueError, match="^attention=pallas: the kernel does not add ALiBi biases"):
+        generate_from_state(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), settings)
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_config_maps_to_hf_and_back(model_dirs, name):
     config = load_pretrained(model_dirs[name]).config
@@ -197,7 +275,15 @@ def test_every_family_config_maps_to_hf_and_back():
     for name, hf in tiny_hf_configs().items():
         config = DecoderConfig.from_hf(hf.to_dict())
         assert DecoderConfig.from_hf(family(config.model_type).to_hf(config)) == config, name
-    assert {module.__name__.rsplit(".", 1)[1] for module in FAMILIES} == {"llama", "opt", "gpt_neox", "gpt2", "gptj"}
+    assert {module.__name__.rsplit(".", 1)[1] for module in FAMILIES} == {
+        "llama",
+        "opt",
+        "gpt_neox",
+        "gpt2",
+        "gptj",
+        "bloom",
+        "gemma",
+    }
 
 
 @pytest.mark.parametrize("key", ["scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"])
@@ -212,6 +298,79 @@ def test_pythia_style_config_json_reads_rotary_pct_and_rotary_emb_base():
     hf = {k: v for k, v in tiny_hf_configs()["neox_parallel_rot25"].to_dict().items() if k != "rope_parameters"}
     config = DecoderConfig.from_hf(hf | {"rotary_pct": 0.5, "rotary_emb_base": 5000})
     assert (config.rotary_dim, config.rope_theta) == (8, 5000.0)
+
+
+def test_per_layer_windows_and_gemmas_switches_are_read(model_dirs):
+    """Windows from Mistral's one window, Qwen2's max_window_layers and Gemma's layer_types; Gemma 2
+    caps scores and logits, Gemma 3 only the logits (its attn_logit_softcapping is unused in
+    transformers too), normalises q and k, and turns its windowed layers at their own base."""
+    configs = {name: load_pretrained(model_dirs[name]).config for name in WINDOWED}
+    assert {name: config.layer_windows for name, config in configs.items()} == {
+        "mistral_window4": (4, 4),
+        "qwen2_window_layers": (None, 4),
+        "gemma2_window4": (4, None, 4),
+        "gemma3_window4": (4, None, 4),
+    }
+    gemma2, gemma3 = configs["gemma2_window4"], configs["gemma3_window4"]
+    for gemma in (gemma2, gemma3):
+        assert (gemma.norm_plus_one, gemma.post_norms, gemma.scale_embeddings, gemma.tie_word_embeddings) == (
+            True,
+            True,
+            True,
+            True,
+        )
+        assert (gemma.activation, gemma.head_dim, gemma.query_scale_dim, gemma.final_logit_softcap) == (
+            "gelu_pytorch_tanh",
+            16,
+            24,
+            GEMMA_FINAL_SOFTCAP,
+        )
+    assert (gemma2.attn_logit_softcap, gemma2.qk_norm, gemma2.local_rope_theta) == (GEMMA_ATTN_SOFTCAP, False, None)
+    assert (gemma3.attn_logit_softcap, gemma3.qk_norm, gemma3.local_rope_theta, gemma3.rope_theta) == (
+        None,
+        True,
+        100.0,
+        10000.0,
+    )
+    assert gemma3.rope_parameters()["rope_type"] == "linear"
+
+
+@pytest.mark.parametrize("name", WINDOWED)
+def test_the_windows_change_the_logits(model_dirs, name):
+    """The windows (4) are shorter than the sequences (12): the same weights with windows wider
+    than the sequences (the same layers windowed: Gemma 3's rotary bases stay) differ after 4 tokens."""
+    import dataclasses
+
+    from jaxrlhf.models import CausalLM
+
+    model = load_pretrained(model_dirs[name])
+    wide = tuple(None if window is None else 1000 for window in model.config.layer_windows)
+    unwindowed = dataclasses.replace(model.config, layer_windows=wide)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: CausalLM(unwindowed, nnx.Rngs(0))))
+    ids, mask = padded_batch(LENGTHS, 12, left=False)
+    windowed = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    full = np.asarray(nnx.merge(graphdef, nnx.state(model))(jnp.asarray(ids), jnp.asarray(mask)))
+    assert relative_error(full, windowed, mask) > 1e-3
+    np.testing.assert_allclose(full[:, :4], windowed[:, :4], rtol=1e-5, atol=1e-5)  # no key yet outside a window
+
+
+def test_older_gemma_config_json_reads_the_same():
+    """Gemma 2 without layer_types windows its even layers; Gemma 3's older keys: rope_theta,
+    rope_scaling, rope_local_base_freq and sliding_window_pattern. Bidirectional attention is refused."""
+    gemma2 = tiny_hf_configs()["gemma2_window4"].to_dict()
+    assert DecoderConfig.from_hf({k: v for k, v in gemma2.items() if k != "layer_types"}) == DecoderConfig.from_hf(
+        gemma2
+    )
+    gemma3 = tiny_hf_configs()["gemma3_window4"].to_dict()
+    older = {k: v for k, v in gemma3.items() if k not in ("layer_types", "rope_parameters")} | {
+        "sliding_window_pattern": 2,
+        "rope_theta": 10000.0,
+        "rope_local_base_freq": 100.0,
+        "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+    }
+    assert DecoderConfig.from_hf(older) == DecoderConfig.from_hf(gemma3)
+    with pytest.raises(ValueError, match="^gemma3_text with use_bidirectional_attention=True is not supported$"):
+        DecoderConfig.from_hf(gemma3 | {"use_bidirectional_attention": True})
 
 
 def test_lora_targets_take_the_familys_names(model_dirs):
@@ -235,7 +394,7 @@ def test_lora_targets_take_gptj_names(model_dirs):
         assert dense.lora_a is not None
 
 
-@pytest.mark.parametrize("name", ["neox_parallel_rot25", "gpt2", "gptj"])
+@pytest.mark.parametrize("name", ["neox_parallel_rot25", "gpt2", "gptj", "bloom"])
 def test_trained_adapters_merge_into_the_fused_tensors_on_export(model_dirs, name, tmp_path):
     from jaxrlhf.models.layers import LoraParam
 
@@ -249,33 +408,47 @@ def test_trained_adapters_merge_into_the_fused_tensors_on_export(model_dirs, nam
     assert relative_error(torch_logits(str(tmp_path / "merged"), ids, mask), adapted, mask) < 1e-5
 
 
-@pytest.fixture(scope="module")
-def neox_with_tokenizer(tmp_path_factory):
-    """A tiny GPT-NeoX with the built-in task's tokenizer, and a reward model (random score head) from it."""
-    from jaxrlhf.data.builtin import builtin_tokenizer
-    from jaxrlhf.models import load_tokenizer
-
-    root = tmp_path_factory.mktemp("neox")
-    tokenizer = load_tokenizer(builtin_tokenizer(str(root / "tokenizer")))
-    hf = transformers.GPTNeoXConfig(
+def tiny_policy_config(model_type: str, tokenizer):
+    """A tiny GPT-NeoX or BLOOM for the built-in task's tokenizer."""
+    tokens = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    if model_type == "bloom":
+        return transformers.BloomConfig(vocab_size=len(tokenizer), hidden_size=64, n_layer=2, n_head=4, **tokens)
+    return transformers.GPTNeoXConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=128,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
+        **tokens,
     )
-    torch.manual_seed(0)
-    path = str(root / "policy")
-    transformers.GPTNeoXForCausalLM(hf).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    reward = load_pretrained(path, model_cls=ValueModel, untrained_head="zeros")
-    kernel = reward.value_head.kernel
-    kernel.set_value(jax.random.normal(jax.random.key(1), kernel.get_value().shape))
-    return path, export_model(reward, str(root / "reward_model"), path)
+
+
+@pytest.fixture(scope="module")
+def policy_with_tokenizer(tmp_path_factory):
+    """policy_with_tokenizer(model_type): a tiny policy of that family with the built-in task's
+    tokenizer, and a reward model (random score head) from it; built once per family."""
+    from jaxrlhf.data.builtin import builtin_tokenizer
+    from jaxrlhf.models import load_tokenizer
+
+    built = {}
+
+    def build(model_type):
+        if model_type not in built:
+            root = tmp_path_factory.mktemp(model_type)
+            tokenizer = load_tokenizer(builtin_tokenizer(str(root / "tokenizer")))
+            torch.manual_seed(0)
+            path = str(root / "policy")
+            policy = transformers.AutoModelForCausalLM.from_config(tiny_policy_config(model_type, tokenizer))
+            policy.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            reward = load_pretrained(path, model_cls=ValueModel, untrained_head="zeros")
+            kernel = reward.value_head.kernel
+            kernel.set_value(jax.random.normal(jax.random.key(1), kernel.get_value().shape))
+            built[model_type] = path, export_model(reward, str(root / "reward_model"), path)
+        return built[model_type]
+
+    return build
 
 
 def run_step(step, tmp_path, overrides):
@@ -300,8 +473,9 @@ def run_step(step, tmp_path, overrides):
         logger.close()
 
 
-def test_lora_sft_from_gpt_neox_exports_a_gpt_neox(neox_with_tokenizer, tmp_path):
-    policy, _ = neox_with_tokenizer
+@pytest.mark.parametrize("model_type", ["gpt_neox", "bloom"])
+def test_lora_sft_exports_the_familys_model(policy_with_tokenizer, model_type, tmp_path):
+    policy, _ = policy_with_tokenizer(model_type)
     summary = run_step(
         "sft",
         tmp_path,
@@ -319,18 +493,19 @@ def test_lora_sft_from_gpt_neox_exports_a_gpt_neox(neox_with_tokenizer, tmp_path
     assert np.isfinite(summary["sft.eval_loss_end"])
     exported = str(tmp_path / "sft" / "sft" / "model")
     hf = transformers.AutoModelForCausalLM.from_pretrained(exported)
-    assert type(hf).__name__ == "GPTNeoXForCausalLM"
+    assert type(hf).__name__ == family(model_type).ARCHITECTURES[model_type][0]
     assert not any("lora" in name for name in hf.state_dict())
 
 
 @pytest.mark.slow  # ~20 s: two PPO iterations with a LoRA actor
-def test_ppo_from_gpt_neox_runs(neox_with_tokenizer, tmp_path):
+@pytest.mark.parametrize("model_type", ["gpt_neox", "bloom"])
+def test_ppo_runs_from_the_family(policy_with_tokenizer, model_type, tmp_path):
     from test_ppo import TINY_PPO
 
-    policy, reward_model = neox_with_tokenizer
+    policy, reward_model = policy_with_tokenizer(model_type)
     roles = [f"ppo.actor_model.path={policy}", f"ppo.critic_model.path={reward_model}"]
     summary = run_step("ppo", tmp_path, [*TINY_PPO, *roles, "ppo.num_iterations=2", "ppo.actor_lora.rank=4"])
     assert np.isfinite(summary["ppo.kl_to_sft"])
-    for role, architecture in (("actor", "GPTNeoXForCausalLM"), ("critic", "GPTNeoXForSequenceClassification")):
+    for role, architecture in zip(("actor", "critic"), family(model_type).ARCHITECTURES[model_type]):
         config = json.load(open(os.path.join(tmp_path, "ppo", "ppo", role, "config.json")))
         assert config["architectures"] == [architecture], role

@@ -156,7 +156,7 @@ def test_pallas_decode_attention_gives_the_same_tokens(tmp_path):
     state = nnx.state(model)
 
     def tokens(attention, window):
-        config = dataclasses.replace(model.config, sliding_window=window)
+        config = dataclasses.replace(model.config, layer_windows=(window,) * model.config.num_layers)
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: CausalLM(config, nnx.Rngs(0))))
         settings = SamplingSettings(eos_id=EOS, pad_id=PAD, max_new_tokens=NEW, greedy=True, attention=attention)
         out = generate_from_state(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), settings)

@@ -115,13 +115,19 @@ def test_qwen3_query_key_norms_shard_over_tensor_like_one_device(model_dirs, ten
 
 
 @pytest.mark.parametrize("config_class", [transformers.Qwen2Config, transformers.Qwen3Config])
-def test_a_sliding_window_on_some_layers_only_is_refused_not_ignored(config_class):
+def test_qwen_windows_the_layers_from_max_window_layers_on(config_class):
+    """layer_types when config.json has it, else use_sliding_window + max_window_layers; and back."""
     from jaxrlhf.models import DecoderConfig
+    from jaxrlhf.models.families import family
 
-    sizes = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=8)
+    sizes = dict(num_hidden_layers=3, hidden_size=64, intermediate_size=96, num_attention_heads=8)
     every_layer = config_class(**sizes, use_sliding_window=True, sliding_window=8, max_window_layers=0)
-    assert DecoderConfig.from_hf(every_layer.to_dict()).sliding_window == 8
-    assert DecoderConfig.from_hf(config_class(**sizes).to_dict()).sliding_window is None  # off unless asked
-    some_layers = config_class(**sizes, use_sliding_window=True, sliding_window=8, max_window_layers=1)
-    with pytest.raises(ValueError, match="max_window_layers=1"):
-        DecoderConfig.from_hf(some_layers.to_dict())
+    assert DecoderConfig.from_hf(every_layer.to_dict()).layer_windows == (8, 8, 8)
+    assert DecoderConfig.from_hf(config_class(**sizes).to_dict()).layer_windows == ()  # off unless asked
+    some_layers = config_class(**sizes, use_sliding_window=True, sliding_window=8, max_window_layers=1).to_dict()
+    config = DecoderConfig.from_hf(some_layers)
+    assert config.layer_windows == (None, 8, 8)
+    assert DecoderConfig.from_hf({k: v for k, v in some_layers.items() if k != "layer_types"}) == config
+    exported = family(config.model_type).to_hf(config)
+    assert (exported["max_window_layers"], exported["sliding_window"]) == (1, 8)
+    assert DecoderConfig.from_hf(exported) == config

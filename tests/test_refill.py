@@ -150,7 +150,7 @@ def test_refill_with_the_pallas_kernel_and_a_sliding_window(tmp_path):
     state = nnx.state(model)
 
     def tokens(window, **engine):
-        config = dataclasses.replace(model.config, sliding_window=window)
+        config = dataclasses.replace(model.config, layer_windows=(window,) * model.config.num_layers)
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: CausalLM(config, nnx.Rngs(0))))
         settings = dataclasses.replace(static_settings(True), **engine)
         return np.asarray(generate_from_state(graphdef, state, ids, mask, jax.random.key(0), settings).tokens)

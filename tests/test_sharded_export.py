@@ -17,7 +17,7 @@ from hf_fixtures import padded_batch, save_tiny_model, torch_logits
 from test_multihost import free_port
 
 from jaxrlhf.models import load_pretrained, save_pretrained
-from jaxrlhf.models.families.gpt_neox import _query_key_value
+from jaxrlhf.models.families.base import per_head_qkv_views
 from jaxrlhf.models.safetensors_io import index_checkpoint, parse_shard_size, plan_files, region, write_strided
 from jaxrlhf.parallel import TRAINING_RULES, make_mesh, shard_model
 
@@ -80,12 +80,12 @@ def test_slices_written_through_a_fused_view_equal_the_joined_tensor(tmp_path):
     dtype = np.dtype(ml_dtypes.bfloat16)
     expected = np.zeros(shape, dtype)
     for part, values in enumerate(parts):
-        _query_key_value(part, heads, head_dim, hidden)[0](expected)[...] = values
+        per_head_qkv_views(part, heads, head_dim, hidden)[0](expected)[...] = values
     plan = plan_files([("qkv", shape, dtype)], "1GB")
     plan.create(str(tmp_path))
     fd = os.open(tmp_path / "model.safetensors", os.O_WRONLY)
     for part, values in enumerate(parts):
-        view = _query_key_value(part, heads, head_dim, hidden)[0]
+        view = per_head_qkv_views(part, heads, head_dim, hidden)[0]
         for rows in (slice(0, 4), slice(4, 6)):
             for cols in (slice(0, 2), slice(2, 4)):
                 offset, strides = region(shape, dtype, view, (rows, cols))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxrlhf.generation.kernels.decode_attention import choose_implementation
+from jaxrlhf.generation.kernels.decode_attention import model_implementation
 from jaxrlhf.generation.kernels.flash_decoding import KERNEL_BLOCK_KV
 from jaxrlhf.generation.kv_cache import KVCache, decode_forward, prefill
 from jaxrlhf.generation.sampling import sample_tokens, suppress_eos
@@ -114,7 +114,7 @@ def decode_step(
     step = state.step
     slot = prompt_len + step - 1  # the previous token's cache slot
     kv_start = prompt_len - prompt_lengths  # first real slot of each row
-    attention = choose_implementation(settings.attention, model.config.compute_dtype, model.config.head_dim)
+    attention = model_implementation(settings.attention, model.config)
     hidden, cache = decode_forward(
         model,
         state.tokens[:, step - 1],
@@ -181,7 +181,7 @@ def generate(
 
     config = model.config
     cache_len = prompt_len + new
-    if choose_implementation(settings.attention, config.compute_dtype, config.head_dim) == "pallas":
+    if model_implementation(settings.attention, config) == "pallas":
         cache_len = -(-cache_len // KERNEL_BLOCK_KV) * KERNEL_BLOCK_KV  # whole kernel blocks
     cache = KVCache.zeros(config, prompts, cache_len, cache_sharding)
     hidden, cache = prefill(model, prompt_ids, prompt_mask, positions_from_mask(prompt_mask), cache)

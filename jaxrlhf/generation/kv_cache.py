@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf.generation.kernels.decode_attention import decode_attention
-from jaxrlhf.models.decoder import attention_mask_4d
-from jaxrlhf.models.layers import attention, rope_inverse_frequencies
+from jaxrlhf.models.decoder import layer_attention_inputs
+from jaxrlhf.models.layers import alibi_bias, alibi_slopes, attention, rope_inverse_frequencies
 
 
 @jax.tree_util.register_dataclass
@@ -93,17 +93,19 @@ def prefill(model, prompt_ids, prompt_mask, positions, cache: KVCache):
     decoder = model.decoder
     config = decoder.config
     slots = jnp.arange(prompt_ids.shape[1])
-    mask = attention_mask_4d(prompt_mask.astype(bool), slots, slots, config.sliding_window)
-    inv_freq = rope_inverse_frequencies(config)
+    inputs = layer_attention_inputs(config, prompt_mask.astype(bool), slots, slots)  # per-layer windows
+    bias = alibi_bias(config, positions)
     x = decoder.embed(prompt_ids, positions)
     keys, values = [], []
-    for layer, k_cache, v_cache in zip(decoder.blocks(), cache.keys, cache.values):
+    for index, (layer, k_cache, v_cache) in enumerate(zip(decoder.blocks(), cache.keys, cache.values)):
+        mask, inv_freq = inputs(index)
 
-        def attend(attn, h, k_cache=k_cache, v_cache=v_cache):
+        def attend(attn, h, k_cache=k_cache, v_cache=v_cache, mask=mask, inv_freq=inv_freq):
             q, k, v = attn.project(h, positions, inv_freq)
             k_cache = jax.lax.dynamic_update_slice(k_cache, _head_major(k).astype(k_cache.dtype), (0, 0, 0, 0))
             v_cache = jax.lax.dynamic_update_slice(v_cache, _head_major(v).astype(v_cache.dtype), (0, 0, 0, 0))
-            return attn.output(attention(q, k, v, mask, attn.implementation)), (k_cache, v_cache)
+            attended = attention(q, k, v, mask, attn.implementation, bias, scale=attn.scale, softcap=attn.softcap)
+            return attn.output(attended), (k_cache, v_cache)
 
         x, (k_cache, v_cache) = layer(x, attend)
         # Write this layer's cache before the next layer starts: left free, the scheduler may keep
@@ -131,27 +133,39 @@ def decode_forward(
 
     Writes each layer's new key and value at `slot` (a scalar for left-padded rows that move in
     step, or [batch] for rows at their own lengths, as the refill engine's slots are) and attends
-    over each row's real slots [kv_start[b], slot[b]] (narrowed to the sliding window, if the model
-    has one) with the decode attention `implementation` ("reference" or "pallas";
-    `cache_sharding` tells the kernel the mesh).
+    over each row's real slots [kv_start[b], slot[b]] (narrowed, layer by layer, to the layer's
+    sliding window where it has one) with the decode attention `implementation` ("reference" or "pallas";
+    `cache_sharding` tells the kernel the mesh). An ALiBi model's bias takes the key in slot s of
+    row b at position s - kv_start[b]: the row's keys are contiguous from kv_start[b], whose key is
+    the row's position 0 (HF's BLOOM counts positions over real tokens, as `positions_from_mask`).
     """
     decoder = model.decoder
     config = decoder.config
-    inv_freq = rope_inverse_frequencies(config)
+    slopes = alibi_slopes(config.num_heads) if config.positions == "alibi" else None
     batch = tokens.shape[0]
     kv_end = jnp.broadcast_to(slot + 1, (batch,)).astype(jnp.int32)
-    if config.sliding_window is not None:
-        kv_start = jnp.maximum(kv_start, kv_end - config.sliding_window)
     positions = positions[:, None]  # [batch, 1]
     x = decoder.embed(tokens[:, None], positions)
     keys, values = [], []
-    for layer, k_cache, v_cache in zip(decoder.blocks(), cache.keys, cache.values):
+    for index, (layer, k_cache, v_cache) in enumerate(zip(decoder.blocks(), cache.keys, cache.values)):
+        window = config.window(index)
+        layer_start = kv_start if window is None else jnp.maximum(kv_start, kv_end - window)
+        inv_freq = rope_inverse_frequencies(config, windowed=window is not None)
 
-        def attend(attn, h, k_cache=k_cache, v_cache=v_cache):
+        def attend(attn, h, k_cache=k_cache, v_cache=v_cache, layer_start=layer_start, inv_freq=inv_freq):
             q, k, v = attn.project(h, positions, inv_freq)  # q [batch, 1, heads, dim], k/v [batch, 1, kv_heads, dim]
             k_cache, v_cache = _write_slot(k_cache, _head_major(k), slot), _write_slot(v_cache, _head_major(v), slot)
             out = decode_attention(
-                q[:, 0], k_cache, v_cache, kv_start, kv_end, implementation=implementation, sharding=cache_sharding
+                q[:, 0],
+                k_cache,
+                v_cache,
+                layer_start,
+                kv_end,
+                implementation=implementation,
+                sharding=cache_sharding,
+                scale=attn.scale,
+                softcap=attn.softcap,
+                alibi_slopes=slopes,
             )
             return attn.output(out[:, None]), (k_cache, v_cache)
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxrlhf.generation.generate import Generation, SamplingSettings, pick_tokens, repeat_rows
-from jaxrlhf.generation.kernels.decode_attention import choose_implementation
+from jaxrlhf.generation.kernels.decode_attention import model_implementation
 from jaxrlhf.generation.kernels.flash_decoding import KERNEL_BLOCK_KV
 from jaxrlhf.generation.kv_cache import KVCache, decode_forward, prefill
 from jaxrlhf.models.decoder import positions_from_mask
@@ -121,7 +121,7 @@ def _decode(model, state: RefillState, row_lengths, row_keys, limits, settings, 
     # The fed token's cache slot; a free slot writes at `prompt_len`, which its next row's own
     # decode steps overwrite before reading.
     write = jnp.where(live, prompt_len + step - 1, prompt_len)
-    attention = choose_implementation(settings.attention, model.config.compute_dtype, model.config.head_dim)
+    attention = model_implementation(settings.attention, model.config)
     hidden, cache = decode_forward(
         model, state.slot_token, length + step - 1, state.cache, write, prompt_len - length, attention, cache_sharding
     )
@@ -166,7 +166,7 @@ def generate_refill(
 
     config = model.config
     cache_len = prompt_len + new
-    if choose_implementation(settings.attention, config.compute_dtype, config.head_dim) == "pallas":
+    if model_implementation(settings.attention, config) == "pallas":
         cache_len = -(-cache_len // KERNEL_BLOCK_KV) * KERNEL_BLOCK_KV  # whole kernel blocks
     state = RefillState(
         queued=jnp.int32(0),

@@ -49,14 +49,24 @@ class DecoderConfig:
     qkv_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's queries and keys, before rotary
     out_bias: bool = False
-    positions: str = "rope"  # "rope" or "learned" (OPT, GPT-2)
+    positions: str = "rope"  # "rope", "learned" (OPT, GPT-2) or "alibi" (BLOOM: a bias per head on each key's position)
     rotary_dim: int | None = None  # GPT-NeoX, GPT-J: rotary on the first rotary_dim dims of each head (None: all)
     rotary_interleaved: bool = False  # GPT-J: rotate pairs (x0, x1), (x2, x3)... rather than the two halves
     rope_theta: float = 10000.0
     rope_scaling: tuple = ("__dict__",)  # hashable copy of HF's rope parameters
     learned_position_offset: int = 0  # OPT shifts position ids by 2
     word_embed_proj_dim: int | None = None  # OPT: embeddings narrower than the residual stream
-    sliding_window: int | None = None
+    embed_norm: bool = False  # BLOOM: a norm on the token embeddings
+    # per layer: its sliding window (a key is seen while query - key < window) or None (full attention);
+    # () when no layer has one. HF's layer_types, Mistral's one window, Qwen's max_window_layers.
+    layer_windows: tuple[int | None, ...] = ()
+    local_rope_theta: float | None = None  # Gemma 3: the windowed layers' rotary base (default rope)
+    norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + weight)
+    post_norms: bool = False  # Gemma 2/3: each sub-block's output is normed too, before the residual add
+    scale_embeddings: bool = False  # Gemma: embeddings times sqrt(hidden_size), in the compute dtype
+    query_scale_dim: float | None = None  # Gemma: scores scaled by query_scale_dim ** -0.5 (None: head_dim)
+    attn_logit_softcap: float | None = None  # Gemma 2: scores become cap * tanh(scores / cap)
+    final_logit_softcap: float | None = None  # Gemma 2/3: logits become cap * tanh(logits / cap)
     tie_word_embeddings: bool = False
     lm_head_bias: bool = False  # GPT-J: the LM head adds a bias per token
     dtype: str = "float32"  # compute dtype
@@ -65,6 +75,23 @@ class DecoderConfig:
     scan_layers: bool = True  # stacked blocks run by lax.scan (training); False: one module per block (generation)
     attention: str = "auto"  # training/prefill: "auto" (cuDNN flash on a GPU where it applies), "xla", "cudnn"
     hf_config: tuple = dataclasses.field(default=("__dict__",), compare=False, repr=False)
+
+    def __post_init__(self):
+        windows = tuple(self.layer_windows)
+        if all(window is None for window in windows):
+            windows = ()
+        elif len(windows) != self.num_layers:
+            raise ValueError(f"layer_windows has {len(windows)} entries for {self.num_layers} layers")
+        object.__setattr__(self, "layer_windows", windows)
+
+    def window(self, layer: int) -> int | None:
+        """Layer `layer`'s sliding window, None for full attention."""
+        return self.layer_windows[layer] if self.layer_windows else None
+
+    @property
+    def attention_scale(self) -> float | None:
+        """The scores' scale where it is not head_dim ** -0.5 (Gemma's query_pre_attn_scalar), else None."""
+        return None if self.query_scale_dim is None else self.query_scale_dim**-0.5
 
     @property
     def compute_dtype(self):

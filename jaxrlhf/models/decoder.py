@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxrlhf.models.config import DecoderConfig
-from jaxrlhf.models.layers import DecoderLayer, Dense, Norm, make_param, rope_inverse_frequencies
+from jaxrlhf.models.layers import DecoderLayer, Dense, Norm, alibi_bias, make_param, rope_inverse_frequencies
 from jaxrlhf.models.outputs import chunked_token_logprobs
 from jaxrlhf.parallel.rules import constrain
 
@@ -42,8 +43,31 @@ def attention_mask_4d(key_valid, query_slots, key_slots, sliding_window: int | N
     return (causal[None, :, :] & key_valid[:, None, :])[:, None]
 
 
+def layer_attention_inputs(config: DecoderConfig, key_valid, query_slots, key_slots, same_segment=None):
+    """`inputs(layer) -> (mask [batch, 1, queries, keys], inv_freq [rope_dim // 2])` for block `layer`
+    (an int, or traced inside the layer scan): blocks differ by their sliding window and (Gemma 3)
+    the rotary base of the windowed ones. One mask is built per distinct window; `same_segment`
+    [batch, 1, queries, keys] (packed rows) narrows every one."""
+    windows = [config.window(layer) for layer in range(config.num_layers)]
+    distinct = list(dict.fromkeys(windows))
+    masks = [attention_mask_4d(key_valid, query_slots, key_slots, window) for window in distinct]
+    if same_segment is not None:
+        masks = [mask & same_segment for mask in masks]
+    freqs = [rope_inverse_frequencies(config, windowed=window is not None) for window in distinct]
+    if len(distinct) == 1:
+        return lambda layer: (masks[0], freqs[0])
+    kind = np.array([distinct.index(window) for window in windows], np.int32)  # [layers]
+    masks, freqs = jnp.stack(masks), jnp.stack(freqs)
+
+    def inputs(layer):
+        index = kind[layer] if isinstance(layer, int) else jnp.asarray(kind)[layer]
+        return masks[index], freqs[index]
+
+    return inputs
+
+
 class Decoder(nnx.Module):
-    """Token (and learned position: OPT, GPT-2) embeddings, the blocks, the final norm.
+    """Token (and learned position: OPT, GPT-2) embeddings, normed (BLOOM) or not, the blocks, the final norm.
 
     With `config.scan_layers` (training) the blocks' weights are stacked on a leading "layers"
     axis and run by one `lax.scan`, so compile time does not grow with depth. Without it
@@ -65,6 +89,7 @@ class Decoder(nnx.Module):
         projection = lambda i, o, ia, oa: Dense((i,), (o,), (ia,), (oa,), bias=False, config=config, rngs=rngs)
         self.project_in = projection(p, e, "embed_proj", "embed") if config.has_projection else None
         self.project_out = projection(e, p, "embed", "embed_proj") if config.has_projection else None
+        self.embed_norm = Norm(config.hidden_size, config, rngs) if config.embed_norm else None
         if config.scan_layers:
             self.layers = DecoderLayer(config, rngs, stack=config.num_layers)
         else:
@@ -75,11 +100,15 @@ class Decoder(nnx.Module):
         """[batch, seq] ids and positions -> the residual stream [batch, seq, hidden] in the compute dtype."""
         config = self.config
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(config.compute_dtype)
+        if config.scale_embeddings:  # Gemma; the factor rounded to the compute dtype, as HF does
+            x = x * jnp.asarray(config.hidden_size**0.5, config.compute_dtype)
         if self.project_in is not None:
             x = self.project_in(x)
         if self.embed_positions is not None:
             pos_ids = positions + config.learned_position_offset
             x = x + jnp.take(self.embed_positions[...], pos_ids, axis=0).astype(config.compute_dtype)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         return constrain(x, RESIDUAL_AXES)
 
     def finish(self, x):
@@ -109,27 +138,32 @@ class Decoder(nnx.Module):
             positions = positions_from_mask(attention_mask)
         x = self.embed(input_ids, positions)
         slots = jnp.arange(seq)
-        mask = attention_mask_4d(attention_mask.astype(bool), slots, slots, self.config.sliding_window)
-        if segment_ids is not None:
-            mask &= (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-        inv_freq = rope_inverse_frequencies(self.config)
-        attend = lambda attn, h: (attn(h, positions, mask, inv_freq), None)
-        return self.finish(self._run_layers(x, attend))
+        same_segment = None if segment_ids is None else (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        inputs = layer_attention_inputs(self.config, attention_mask.astype(bool), slots, slots, same_segment)
+        bias = alibi_bias(self.config, positions)
 
-    def _run_layers(self, x, attend):
-        """All blocks: one lax.scan over the stacked weights, or a loop over the separate blocks."""
+        def attend_for(layer):
+            mask, inv_freq = inputs(layer)
+            return lambda attn, h: (attn(h, positions, mask, inv_freq, bias), None)
+
+        return self.finish(self._run_layers(x, attend_for))
+
+    def _run_layers(self, x, attend_for):
+        """All blocks: one lax.scan over the stacked weights, or a loop over the separate blocks;
+        `attend_for(layer)` is block `layer`'s attention step (the layer traced inside the scan)."""
         if not self.config.scan_layers:
-            for layer in self.layers:
-                x, _ = layer(x, attend)
+            for index, layer in enumerate(self.layers):
+                x, _ = layer(x, attend_for(index))
             return x
         graphdef, layer_state = nnx.split(self.layers)
 
-        def block(x, layer_state):
-            return constrain(nnx.merge(graphdef, layer_state)(x, attend)[0], RESIDUAL_AXES)
+        def block(x, layer_state, index):
+            return constrain(nnx.merge(graphdef, layer_state)(x, attend_for(index))[0], RESIDUAL_AXES)
 
         if self.config.remat in REMAT_POLICIES:
             block = jax.checkpoint(block, policy=REMAT_POLICIES[self.config.remat])
-        x, _ = jax.lax.scan(lambda h, s: (block(h, s), None), x, layer_state)
+        layers = jnp.arange(self.config.num_layers)
+        x, _ = jax.lax.scan(lambda h, xs: (block(h, *xs), None), x, (layer_state, layers))
         return x
 
 
@@ -163,6 +197,9 @@ class CausalLM(nnx.Module):
             logits = jnp.einsum("bte,ev->btv", hidden, head, preferred_element_type=jnp.float32)
         if self.lm_head_bias is not None:
             logits = logits + self.lm_head_bias[...].astype(jnp.float32)
+        if self.config.final_logit_softcap is not None:  # Gemma
+            cap = self.config.final_logit_softcap
+            logits = cap * jnp.tanh(logits / cap)
         return logits
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):

@@ -13,9 +13,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxrlhf.models.config import ACTIVATIONS, DecoderConfig
+
+MASKED_SCORE = -1e30  # a masked score in the written-out attention: finite, so no inf - inf = NaN
 
 
 class LoraParam(nnx.Param):
@@ -99,11 +102,14 @@ class Dense(nnx.Module):
 
 
 class Norm(nnx.Module):
-    """RMSNorm (LLaMA family) or LayerNorm (OPT, GPT-NeoX, GPT-2), computed in float32."""
+    """RMSNorm (LLaMA family) or LayerNorm (OPT, GPT-NeoX, GPT-2), computed in float32; Gemma's
+    RMSNorm scales by (1 + weight)."""
 
     def __init__(self, dim: int, config: DecoderConfig, rngs: nnx.Rngs | None, stack: int | None = None):
         self.kind, self.eps, self.compute_dtype = config.norm, config.norm_eps, config.compute_dtype
-        self.scale = make_param(rngs, (dim,), ("norm",), "ones", config.weight_dtype, stack)
+        self.plus_one = config.norm_plus_one
+        init = "zeros" if self.plus_one else "ones"
+        self.scale = make_param(rngs, (dim,), ("norm",), init, config.weight_dtype, stack)
         self.bias = (
             make_param(rngs, (dim,), ("norm",), "zeros", config.weight_dtype, stack) if config.norm == "layer" else None
         )
@@ -113,15 +119,19 @@ class Norm(nnx.Module):
         if self.kind == "layer":
             x32 = x32 - x32.mean(-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        y = y * self.scale[...].astype(jnp.float32)
+        scale = self.scale[...].astype(jnp.float32)
+        y = y * (1.0 + scale if self.plus_one else scale)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(self.compute_dtype)
 
 
-def rope_inverse_frequencies(config: DecoderConfig) -> jnp.ndarray:
-    """Per-pair rotation frequencies [rope_dim // 2], with HF's linear and llama3 scalings."""
+def rope_inverse_frequencies(config: DecoderConfig, windowed: bool = False) -> jnp.ndarray:
+    """Per-pair rotation frequencies [rope_dim // 2], with HF's linear and llama3 scalings; a
+    `windowed` layer of Gemma 3 turns by the default rope at its own base, `local_rope_theta`."""
     dim = config.rope_dim
+    if windowed and config.local_rope_theta is not None:
+        return 1.0 / (config.local_rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
     inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
     params = config.rope_parameters()
     rope_type = params.get("rope_type", "default")
@@ -161,22 +171,68 @@ def apply_rope(x, positions, inv_freq, interleaved: bool = False):
     return out if rot == x.shape[-1] else jnp.concatenate([out, x[..., rot:]], axis=-1)
 
 
-def attention(q, k, v, mask, implementation: str = "auto"):
-    """Softmax attention; q [b, t, heads, d], k/v [b, s, kv_heads, d], mask [b, 1, t, s] (True = attend).
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """ALiBi's slope per head [heads], float32, as HF's BLOOM computes them: the geometric sequence
+    of the largest power of two n <= heads, then, for the remaining heads, every other slope of the
+    sequence for 2n."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = np.float32(2 ** -(2 ** -(math.log2(closest) - 3)))
+    slopes = base ** np.arange(1, closest + 1, dtype=np.float32)
+    if closest != num_heads:
+        extra_base = np.float32(2 ** -(2 ** -(math.log2(2 * closest) - 3)))
+        extra = min(closest, num_heads - closest)
+        slopes = np.concatenate([slopes, extra_base ** np.arange(1, 2 * extra, 2, dtype=np.float32)])
+    return slopes.astype(np.float32)
+
+
+def alibi_bias(config: DecoderConfig, key_positions):
+    """ALiBi's attention bias [batch, heads, 1, keys], float32: slope * the key's position
+    (key_positions [batch, keys]), or None for a model without ALiBi. Softmax ignores a shift per
+    query, so this is ALiBi's -slope * (query - key) distance, and HF's BLOOM bias exactly."""
+    if config.positions != "alibi":
+        return None
+    slopes = jnp.asarray(alibi_slopes(config.num_heads))
+    return slopes[None, :, None, None] * key_positions[:, None, None, :].astype(jnp.float32)
+
+
+def attention(q, k, v, mask, implementation: str = "auto", bias=None, *, scale=None, softcap=None):
+    """Softmax attention; q [b, t, heads, d], k/v [b, s, kv_heads, d], mask [b, 1, t, s] (True = attend),
+    bias (ALiBi, or None) added to the scores, broadcastable to [b, heads, t, s]; the scores scaled
+    by `scale` (None: d ** -0.5) and, with `softcap` (Gemma 2), capped as softcap * tanh(scores / softcap).
 
     Training and prefill, grouped-query heads included. "auto" takes cuDNN's fused flash
     attention on a GPU for bf16/fp16 inputs (it never materializes the [b, heads, t, s] scores;
     the mask becomes a bias) and falls back to XLA's attention when cuDNN refuses the shapes, the
-    mask or its own version at trace time; "xla" and "cudnn" force one. (A decode step, one query
+    mask or its own version at trace time; "xla" and "cudnn" force one. Neither caps the scores,
+    so a soft-capped model always takes `softcapped_attention`. (A decode step, one query
     against the KV cache, goes through `jaxrlhf.generation.kernels.decode_attention`.)
     """
+    if softcap is not None:
+        return softcapped_attention(q, k, v, mask, bias, scale, softcap)
     if implementation == "cudnn" or (implementation == "auto" and _cudnn_may_apply(q)):
         try:
-            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+            return jax.nn.dot_product_attention(q, k, v, bias, mask, scale=scale, implementation="cudnn")
         except (NotImplementedError, ValueError, RuntimeError, TypeError):
             if implementation == "cudnn":
                 raise
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    return jax.nn.dot_product_attention(q, k, v, bias, mask, scale=scale, implementation="xla")
+
+
+def softcapped_attention(q, k, v, mask, bias, scale, softcap):
+    """`attention` written out, the scores capped before the mask as HF's eager Gemma 2 does;
+    float32 scores and softmax, the [b, heads, t, s] scores materialized."""
+    batch, t, heads, d = q.shape
+    kv_heads, s = k.shape[2], k.shape[1]
+    scale = d**-0.5 if scale is None else scale
+    groups = q.reshape(batch, t, kv_heads, heads // kv_heads, d)  # query head h reads kv head h // group
+    scores = jnp.einsum("btkgd,bskd->bkgts", groups, k, preferred_element_type=jnp.float32) * scale
+    scores = softcap * jnp.tanh(scores / softcap)
+    if bias is not None:
+        scores = scores + jnp.broadcast_to(bias, (batch, heads, t, s)).reshape(scores.shape)
+    scores = jnp.where(mask[:, :, None], scores, MASKED_SCORE)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights, v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, t, heads, d).astype(q.dtype)
 
 
 def _cudnn_may_apply(q) -> bool:
@@ -199,6 +255,7 @@ class Attention(nnx.Module):
         self.use_rope = config.positions == "rope"
         self.rotary_interleaved = config.rotary_interleaved
         self.implementation = config.attention
+        self.scale, self.softcap = config.attention_scale, config.attn_logit_softcap
 
     def project(self, x, positions, inv_freq):
         """x [b, t, e] -> q [b, t, heads, d], k and v [b, t, kv_heads, d], rotary applied."""
@@ -214,9 +271,10 @@ class Attention(nnx.Module):
         """[b, t, heads, d] -> [b, t, e]."""
         return self.o_proj(attended)
 
-    def __call__(self, x, positions, mask, inv_freq):
+    def __call__(self, x, positions, mask, inv_freq, bias=None):
         q, k, v = self.project(x, positions, inv_freq)
-        return self.output(attention(q, k, v, mask, self.implementation))
+        attended = attention(q, k, v, mask, self.implementation, bias, scale=self.scale, softcap=self.softcap)
+        return self.output(attended)
 
 
 class MLP(nnx.Module):
@@ -242,13 +300,17 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Attention then MLP, each wrapped in a residual, with the norm before (default) or after;
     or both side by side on the same input (GPT-NeoX's parallel residual), each with its own
-    norm or, GPT-J, both reading one (`mlp_norm` is then None)."""
+    norm or, GPT-J, both reading one (`mlp_norm` is then None). Gemma also norms each sub-block's
+    output before its residual add (`post_attn_norm`, `post_mlp_norm`)."""
 
     def __init__(self, config: DecoderConfig, rngs: nnx.Rngs, stack: int | None = None):
+        post_norm = lambda: Norm(config.hidden_size, config, rngs, stack) if config.post_norms else None
         self.attn_norm = Norm(config.hidden_size, config, rngs, stack)
         self.attn = Attention(config, rngs, stack)
+        self.post_attn_norm = post_norm()
         self.mlp_norm = None if config.shared_norm else Norm(config.hidden_size, config, rngs, stack)
         self.mlp = MLP(config, rngs, stack)
+        self.post_mlp_norm = post_norm()
         self.norm_before = config.norm_before_block
         self.parallel = config.parallel_residual or config.shared_norm
 
@@ -262,10 +324,14 @@ class DecoderLayer(nnx.Module):
             return x + h + self.mlp(normed if self.mlp_norm is None else self.mlp_norm(x)), aux
         h = self.attn_norm(x) if self.norm_before else x
         h, aux = attend(self.attn, h)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
         x = x + h
         if not self.norm_before:
             x = self.attn_norm(x)
         h = self.mlp(self.mlp_norm(x) if self.norm_before else x)
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
         x = x + h
         if not self.norm_before:
             x = self.mlp_norm(x)

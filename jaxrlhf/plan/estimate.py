@@ -161,7 +161,7 @@ def block_residual_bytes(config: DecoderConfig, rows: int, seq: int, policy: str
     def block(x, weights, frozen):
         positions = jnp.broadcast_to(jnp.arange(seq), (rows, seq))
         slots = jnp.arange(seq)
-        mask = attention_mask_4d(jnp.ones((rows, seq), bool), slots, slots, config.sliding_window)
+        mask = attention_mask_4d(jnp.ones((rows, seq), bool), slots, slots, config.window(0))
         layer = nnx.merge(graphdef, weights, frozen)
         return layer(x, lambda attn, h: (attn(h, positions, mask, inv_freq), None))[0]
 

@@ -34,20 +34,25 @@ def check_inputs(q, k_cache, v_cache, kv_start, kv_end) -> None:
             raise ValueError(f"{name} must be int [batch={batch}], got {bound.dtype}{list(bound.shape)}")
 
 
-def decode_attention_reference(q, k_cache, v_cache, kv_start, kv_end, *, scale=None):
+def decode_attention_reference(q, k_cache, v_cache, kv_start, kv_end, *, scale=None, alibi_slopes=None, softcap=None):
     """Masked softmax attention, float32 logits and sums: out[b, h] = softmax(q k^T * scale) v over
-    the valid slots.
+    the valid slots; with `alibi_slopes` ([q_heads], ALiBi: BLOOM) the logit of slot s gains
+    alibi_slopes[h] * (s - kv_start[b]), the key's position counted from the row's first key; with
+    `softcap` (Gemma 2) the scaled logits are capped as softcap * tanh(logits / softcap) first.
 
     q: [batch, q_heads, head_dim]; k_cache, v_cache: [batch, kv_heads, max_len, head_dim];
     kv_start, kv_end: int [batch]. Returns [batch, q_heads, head_dim] in q's dtype.
     Written so that XLA reads the cache where it lies, in its own dtype: both contractions take
     the cache as it is stored (batch and kv-head dims leading, no transpose, no conversion) and
-    accumulate in float32; the mask is computed from slot indices, never from a cache-sized array.
+    accumulate in float32; the mask and the bias are computed from slot indices, never from a
+    cache-sized array.
     """
     check_inputs(q, k_cache, v_cache, kv_start, kv_end)
     batch, q_heads, head_dim = q.shape
     kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
     group = q_heads // kv_heads
+    if alibi_slopes is not None and jnp.shape(alibi_slopes) != (q_heads,):
+        raise ValueError(f"alibi_slopes must be [q_heads={q_heads}], got shape {jnp.shape(alibi_slopes)}")
     scale = head_dim**-0.5 if scale is None else scale
 
     # q head h reads kv head h // group.
@@ -58,7 +63,13 @@ def decode_attention_reference(q, k_cache, v_cache, kv_start, kv_end, *, scale=N
         )
         * scale
     )  # [batch, kv_heads, group, max_len]
+    if softcap is not None:  # Gemma 2: softcap * tanh(logits / softcap), before the mask
+        logits = softcap * jnp.tanh(logits / softcap)
     slots = jnp.arange(max_len)
+    if alibi_slopes is not None:
+        key_positions = (slots[None, :] - kv_start[:, None]).astype(jnp.float32)  # [batch, max_len]
+        slopes = jnp.asarray(alibi_slopes, jnp.float32).reshape(kv_heads, group)
+        logits = logits + slopes[None, :, :, None] * key_positions[:, None, None, :]
     valid = (slots >= kv_start[:, None]) & (slots < kv_end[:, None])  # [batch, max_len]
     valid = valid[:, None, None, :]
     logits = jnp.where(valid, logits, MASK_VALUE)

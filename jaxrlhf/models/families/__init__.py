@@ -10,17 +10,17 @@ A family module owns everything family-specific, in one place:
     to_hf(config) -> dict        the architecture keys of config.json, written back (export)
     weights(config) -> [Tensor]  every HF tensor and the parameters of ours it holds (`base.Tensor`)
 
-The decoder itself is shared: a new family adds switches to `DecoderConfig` (ALiBi, logit
-soft-capping or per-layer windows would be the next ones), never a copy of the model.
+The decoder itself is shared: a new family adds switches to `DecoderConfig` (BLOOM's ALiBi,
+Gemma's logit soft-capping and per-layer windows), never a copy of the model.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from jaxrlhf.models.families import gpt2, gpt_neox, gptj, llama, opt
+from jaxrlhf.models.families import bloom, gemma, gpt2, gpt_neox, gptj, llama, opt
 
-FAMILIES: tuple[ModuleType, ...] = (llama, opt, gpt_neox, gpt2, gptj)
+FAMILIES: tuple[ModuleType, ...] = (llama, opt, gpt_neox, gpt2, gptj, bloom, gemma)
 _BY_MODEL_TYPE = {model_type: module for module in FAMILIES for model_type in module.MODEL_TYPES}
 SUPPORTED_MODEL_TYPES = tuple(_BY_MODEL_TYPE)
 

@@ -5,7 +5,7 @@ as a numpy *view* of the HF tensor in our layout (reshape, transpose and indexin
 applies the view to the memory-mapped file and copies out just the slice one device needs;
 saving applies the same view to learn where in the file each element of a device's slice lies,
 and writes it there. So one function per parameter serves both directions, fused tensors
-(GPT-NeoX `query_key_value`, GPT-2 `c_attn`) included: each of q, k, v is a different view of
+(GPT-NeoX and BLOOM `query_key_value`, GPT-2 `c_attn`) included: each of q, k, v is a different view of
 the one tensor.
 """
 
@@ -88,8 +88,58 @@ def rope_fields(hf: dict[str, Any], theta_key: str = "rope_theta") -> tuple[floa
     return float(theta), rope
 
 
+WINDOWED, FULL = "sliding_attention", "full_attention"  # HF's layer_types
+
+
+def layer_windows(hf: dict[str, Any], layer_types) -> tuple[int | None, ...]:
+    """Per-layer windows from HF's `layer_types`: a "sliding_attention" layer sees the last
+    `sliding_window` keys, a "full_attention" layer all; () when the config has no window."""
+    unknown = sorted(set(layer_types) - {WINDOWED, FULL})
+    if unknown:
+        raise ValueError(f"{hf['model_type']} with layer_types {unknown} is not supported")
+    window = hf.get("sliding_window")
+    return () if window is None else tuple(window if kind == WINDOWED else None for kind in layer_types)
+
+
+def window_and_layer_types(config) -> tuple[int | None, list[str]]:
+    """HF's (sliding_window, layer_types) for our per-layer windows: transformers has one window size."""
+    sizes = sorted({window for window in config.layer_windows if window is not None})
+    if len(sizes) > 1:
+        raise ValueError(f"{config.model_type} has one sliding window in transformers, not {sizes}")
+    types = [FULL if config.window(layer) is None else WINDOWED for layer in range(config.num_layers)]
+    return (sizes[0] if sizes else None), types
+
+
 def require_unset(hf: dict[str, Any], **defaults) -> None:
     """Refuses, naming the key, an option of the HF config that the shared decoder does not run."""
     for key, default in defaults.items():
         if hf.get(key, default) != default:
             raise ValueError(f"{hf['model_type']} with {key}={hf[key]!r} is not supported")
+
+
+def per_head_qkv_views(part: int, heads: int, head_dim: int, hidden: int) -> tuple[View, View]:
+    """Views of q (part 0), k (1) or v (2) in a fused torch Linear whose output dim is laid out
+    per head as [heads, 3, head_dim]: weight [heads * 3 * head_dim, hidden] -> our kernel
+    [hidden, heads, head_dim]; bias [heads * 3 * head_dim] -> [heads, head_dim]."""
+    kernel = lambda w: w.reshape(heads, 3, head_dim, hidden)[:, part].transpose(2, 0, 1)
+    bias = lambda b: b.reshape(heads, 3, head_dim)[:, part]
+    return kernel, bias
+
+
+def per_head_qkv(name: str, attn: Path, heads: int, head_dim: int, hidden: int) -> list[Tensor]:
+    """GPT-NeoX's and BLOOM's `query_key_value` (weight and bias): our q_proj, k_proj and v_proj
+    under `attn`, each a strided view of it."""
+    views = [per_head_qkv_views(part, heads, head_dim, hidden) for part in range(3)]
+    paths = [attn + (projection,) for projection in ("q_proj", "k_proj", "v_proj")]
+    return [
+        Tensor(
+            f"{name}.weight",
+            (3 * heads * head_dim, hidden),
+            tuple((path + ("kernel",), kernel) for path, (kernel, _) in zip(paths, views)),
+        ),
+        Tensor(
+            f"{name}.bias",
+            (3 * heads * head_dim,),
+            tuple((path + ("bias",), bias) for path, (_, bias) in zip(paths, views)),
+        ),
+    ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from jaxrlhf.models.config import freeze
-from jaxrlhf.models.families.base import LAYERS, Tensor, linear, norm, rope_fields, same, transposed
+from jaxrlhf.models.families.base import LAYERS, Tensor, linear, norm, per_head_qkv, rope_fields, same, transposed
 
 MODEL_TYPES = ("gpt_neox",)
 ARCHITECTURES = {"gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXForSequenceClassification")}
@@ -75,32 +75,13 @@ def to_hf(config) -> dict[str, Any]:
     )
 
 
-def _query_key_value(part: int, heads: int, head_dim: int, hidden: int):
-    """Views of q (part 0), k (1) or v (2) in query_key_value: weight [heads * 3 * head_dim, hidden]
-    -> our kernel [hidden, heads, head_dim]; bias [heads * 3 * head_dim] -> [heads, head_dim]."""
-    kernel = lambda w: w.reshape(heads, 3, head_dim, hidden)[:, part].transpose(2, 0, 1)
-    bias = lambda b: b.reshape(heads, 3, head_dim)[:, part]
-    return kernel, bias
-
-
 def weights(config) -> list[Tensor]:
     e, n, d, m = config.hidden_size, config.num_heads, config.head_dim, config.intermediate_size
     layer, attn, mlp = "gpt_neox.layers.{i}", LAYERS + ("attn",), LAYERS + ("mlp",)
-    qkv = [_query_key_value(part, n, d, e) for part in range(3)]
-    projections = [attn + (name,) for name in ("q_proj", "k_proj", "v_proj")]
     return [
         same("gpt_neox.embed_in.weight", ("decoder", "embed_tokens"), (config.vocab_size, e)),
         *norm(f"{layer}.input_layernorm", LAYERS + ("attn_norm",), e),
-        Tensor(
-            f"{layer}.attention.query_key_value.weight",
-            (3 * n * d, e),
-            tuple((path + ("kernel",), views[0]) for path, views in zip(projections, qkv)),
-        ),
-        Tensor(
-            f"{layer}.attention.query_key_value.bias",
-            (3 * n * d,),
-            tuple((path + ("bias",), views[1]) for path, views in zip(projections, qkv)),
-        ),
+        *per_head_qkv(f"{layer}.attention.query_key_value", attn, n, d, e),
         *linear(f"{layer}.attention.dense", attn + ("o_proj",), (n, d), (e,)),
         *norm(f"{layer}.post_attention_layernorm", LAYERS + ("mlp_norm",), e),
         *linear(f"{layer}.mlp.dense_h_to_4h", mlp + ("up_proj",), (e,), (m,)),

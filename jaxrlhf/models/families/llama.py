@@ -2,7 +2,8 @@
 
 RMSNorm before each sub-block, rotary positions (default, linear or llama3 scaling), SwiGLU MLP,
 grouped-query attention. Qwen2 biases q, k and v (not o); Qwen3 RMS-normalises each head's
-queries and keys before rotary. Sliding windows: Mistral's, or Qwen's when on for every layer.
+queries and keys before rotary. Sliding windows: Mistral's on every layer; Qwen's (when
+`use_sliding_window`) on the layers HF's `layer_types` names, from `max_window_layers` on.
 """
 
 from __future__ import annotations
@@ -10,7 +11,19 @@ from __future__ import annotations
 from typing import Any
 
 from jaxrlhf.models.config import freeze
-from jaxrlhf.models.families.base import LAYERS, Tensor, linear, norm, rope_fields, same, transposed
+from jaxrlhf.models.families.base import (
+    FULL,
+    LAYERS,
+    WINDOWED,
+    Tensor,
+    layer_windows,
+    linear,
+    norm,
+    rope_fields,
+    same,
+    transposed,
+    window_and_layer_types,
+)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ARCHITECTURES = {
@@ -23,21 +36,25 @@ PREFIX = "model."
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_TARGETS = {name: (name,) for name in PROJECTIONS}
 _QWEN = ("qwen2", "qwen3")
+QWEN_MAX_WINDOW_LAYERS = 28  # transformers' default for Qwen2/3
+
+
+def _layer_windows(hf: dict[str, Any]) -> tuple[int | None, ...]:
+    """Mistral windows every layer; Qwen2/3, when `use_sliding_window`, the layers `layer_types`
+    names "sliding_attention" (an older config.json: the layers from `max_window_layers` on)."""
+    layers = hf["num_hidden_layers"]
+    if hf["model_type"] not in _QWEN:
+        return layer_windows(hf, [WINDOWED] * layers)
+    if not hf.get("use_sliding_window", False):
+        return ()
+    first = hf.get("max_window_layers", QWEN_MAX_WINDOW_LAYERS) or 0
+    return layer_windows(hf, hf.get("layer_types") or [FULL if i < first else WINDOWED for i in range(layers)])
 
 
 def config_fields(hf: dict[str, Any]) -> dict[str, Any]:
     model_type, num_heads = hf["model_type"], hf["num_attention_heads"]
     rope_theta, rope = rope_fields(hf)
     bias = bool(hf.get("attention_bias", False))
-    sliding_window = hf.get("sliding_window")
-    if model_type in _QWEN and not hf.get("use_sliding_window", False):
-        sliding_window = None
-    # Qwen2/3 window only the layers from max_window_layers on; one window for every layer is all we run
-    if sliding_window is not None and model_type in _QWEN and hf.get("max_window_layers", 0) not in (0, None):
-        raise ValueError(
-            f"{model_type} with use_sliding_window=true and max_window_layers={hf['max_window_layers']} "
-            "(a sliding window on some layers only) is not supported"
-        )
     return dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -58,12 +75,13 @@ def config_fields(hf: dict[str, Any]) -> dict[str, Any]:
         positions="rope",
         rope_theta=rope_theta,
         rope_scaling=freeze(rope),
-        sliding_window=sliding_window,
+        layer_windows=_layer_windows(hf),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
 
 
 def to_hf(config) -> dict[str, Any]:
+    window, layer_types = window_and_layer_types(config)
     hf = dict(
         model_type=config.model_type,
         vocab_size=config.vocab_size,
@@ -78,14 +96,16 @@ def to_hf(config) -> dict[str, Any]:
         hidden_act=config.activation,
         mlp_bias=config.mlp_bias,
         rope_parameters={**config.rope_parameters(), "rope_theta": config.rope_theta},
-        sliding_window=config.sliding_window,
+        sliding_window=window,
         tie_word_embeddings=config.tie_word_embeddings,
     )
     if config.model_type != "qwen2":  # Qwen2's q, k, v biases are not a setting
         hf["attention_bias"] = config.qkv_bias
     if config.model_type in _QWEN:
-        window = config.sliding_window is not None
-        hf.update(use_sliding_window=window, **({"max_window_layers": 0} if window else {}))
+        first = layer_types.index(WINDOWED) if window is not None else config.num_layers
+        hf.update(use_sliding_window=window is not None, layer_types=layer_types, max_window_layers=first)
+    elif FULL in layer_types and window is not None:
+        raise ValueError(f"{config.model_type} windows every layer or none, not {config.layer_windows}")
     return hf
 
 
