@@ -53,14 +53,15 @@ def _start_default_run(directory: Path) -> None:
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """A session that stops early (-x, Ctrl-C) stops its default run too; without pytest-xdist
-    (whose workers may still read it) its directory goes."""
+    """A session that stops early (-x, Ctrl-C) stops its default run too and removes it; not under
+    pytest-xdist, whose other workers may still be reading it (the run ends by itself there)."""
+    if os.environ.get("PYTEST_XDIST_TESTRUNUID"):
+        return
     for directory, process in _STARTED:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait()
-        if not os.environ.get("PYTEST_XDIST_TESTRUNUID"):
-            shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.hookimpl(trylast=True)  # after -k / -m have deselected

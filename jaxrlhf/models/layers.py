@@ -156,18 +156,14 @@ def apply_rope(x, positions, inv_freq, interleaved: bool = False):
     turns by positions * inv_freq[i]. x: [batch, seq, heads, dim]."""
     rot = 2 * inv_freq.shape[-1]
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, seq, rot/2]
-    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
     x32 = x[..., :rot].astype(jnp.float32)
-    if interleaved:
-        first, second = x32[..., 0::2], x32[..., 1::2]
-    else:
-        first, second = x32[..., : rot // 2], x32[..., rot // 2 :]
-    first, second = first * cos - second * sin, second * cos + first * sin
-    if interleaved:
-        out = jnp.stack([first, second], axis=-1).reshape(x32.shape)
-    else:
-        out = jnp.concatenate([first, second], axis=-1)
-    out = out.astype(x.dtype)
+    if interleaved:  # each angle turns the adjacent pair (x_2i, x_2i+1)
+        angles = jnp.repeat(angles, 2, axis=-1)
+        rotated = jnp.stack([-x32[..., 1::2], x32[..., 0::2]], axis=-1).reshape(x32.shape)
+    else:  # each angle turns (x_i, x_i+rot/2)
+        angles = jnp.concatenate([angles, angles], axis=-1)
+        rotated = jnp.concatenate([-x32[..., rot // 2 :], x32[..., : rot // 2]], axis=-1)
+    out = (x32 * jnp.cos(angles)[:, :, None, :] + rotated * jnp.sin(angles)[:, :, None, :]).astype(x.dtype)
     return out if rot == x.shape[-1] else jnp.concatenate([out, x[..., rot:]], axis=-1)
 
 
