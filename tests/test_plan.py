@@ -47,6 +47,20 @@ def opt(dtype="float32"):
     return DecoderConfig.from_hf(hf.to_dict(), dtype=dtype, param_dtype="float32")
 
 
+def family(name: str, dtype="float32"):
+    """The other families at the same layer sizes: their blocks differ (parallel residual, ALiBi,
+    soft-capped attention with windows, post-norms), the planner prices each from its own block."""
+    shared = dict(vocab_size=32000, hidden_size=1024, num_hidden_layers=4, num_attention_heads=16)
+    hf = {
+        "gpt_neox": lambda: transformers.GPTNeoXConfig(**shared, intermediate_size=4096, rotary_pct=0.25),
+        "bloom": lambda: transformers.BloomConfig(vocab_size=32000, hidden_size=1024, n_layer=4, n_head=16),
+        "gemma2": lambda: transformers.Gemma2Config(
+            **shared, num_key_value_heads=4, head_dim=64, intermediate_size=4096, sliding_window=128
+        ),
+    }[name]()
+    return DecoderConfig.from_hf(hf.to_dict(), dtype=dtype, param_dtype="float32")
+
+
 # (model, value head, LoRA rank, rows, accumulation, mesh, remat): 512-token rows, real layer sizes
 CASES = {
     "llama one device, no remat": (llama(), False, 0, 2, 1, {"fsdp": 1}, "none"),
@@ -57,10 +71,28 @@ CASES = {
     "opt reward model, one device": (opt(), True, 0, 4, 1, {"fsdp": 1}, "none"),
     "opt bf16 one device, dots": (opt("bfloat16"), False, 0, 4, 1, {"fsdp": 1}, "dots"),
     "llama fsdp=8, 2 micro-batches, dots": (llama(), False, 0, 32, 2, {"fsdp": 8}, "dots"),
+    "gpt-neox fsdp=8, no remat": (family("gpt_neox"), False, 0, 16, 1, {"fsdp": 8}, "none"),
+    "bloom fsdp4 x tensor2, dots": (family("bloom"), False, 0, 8, 1, {"fsdp": 4, "tensor": 2}, "dots"),
+    "gemma2 reward model fsdp=8, no remat": (family("gemma2"), True, 0, 16, 1, {"fsdp": 8}, "none"),
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+PLANNER_GAPS = {  # known: the planner under-prices these by more than 15% (strict: a fix must remove the entry)
+    "gemma2 reward model fsdp=8, no remat": (
+        "planner 1299 MiB, XLA 1688 MiB; cause not found yet (first suspect: soft-capped attention's float32 scores)"
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(case, marks=pytest.mark.xfail(reason=PLANNER_GAPS[case], strict=True))
+        if case in PLANNER_GAPS
+        else case
+        for case in CASES
+    ],
+)
 def test_the_estimate_is_within_15_percent_of_the_compiled_step(case):
     """Per device: arguments + outputs - donated + temporaries of the real jitted step, compiled
     from shapes on the mesh, against the planner's figure for the same platform."""
