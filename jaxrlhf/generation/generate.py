@@ -137,6 +137,13 @@ def decode_step(
     )
 
 
+def cache_length(config, settings: SamplingSettings, length: int) -> int:
+    """The KV cache length for `length` tokens: whole kernel blocks when the Pallas kernel reads it."""
+    if model_implementation(settings.attention, config) == "pallas":
+        return -(-length // KERNEL_BLOCK_KV) * KERNEL_BLOCK_KV
+    return length
+
+
 def repeat_rows(x, n: int):
     """Each row of x [rows, ...] n times, prompt-major, still sharded by rows over the data axes."""
     return constrain(jnp.repeat(x, n, axis=0), ("batch",) + (None,) * (x.ndim - 1))
@@ -180,10 +187,7 @@ def generate(
     row_keys = jax.random.split(key, batch)  # one key stream per output row
 
     config = model.config
-    cache_len = prompt_len + new
-    if model_implementation(settings.attention, config) == "pallas":
-        cache_len = -(-cache_len // KERNEL_BLOCK_KV) * KERNEL_BLOCK_KV  # whole kernel blocks
-    cache = KVCache.zeros(config, prompts, cache_len, cache_sharding)
+    cache = KVCache.zeros(config, prompts, cache_length(config, settings, prompt_len + new), cache_sharding)
     hidden, cache = prefill(model, prompt_ids, prompt_mask, positions_from_mask(prompt_mask), cache)
     logits = model.logits(hidden[:, -1:])[:, 0]  # [prompts, vocab]
     if n > 1:  # the prefill ran once per prompt; its n samples share its cache from here on

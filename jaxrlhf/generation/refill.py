@@ -22,9 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxrlhf.generation.generate import Generation, SamplingSettings, pick_tokens, repeat_rows
+from jaxrlhf.generation.generate import Generation, SamplingSettings, cache_length, pick_tokens, repeat_rows
 from jaxrlhf.generation.kernels.decode_attention import model_implementation
-from jaxrlhf.generation.kernels.flash_decoding import KERNEL_BLOCK_KV
 from jaxrlhf.generation.kv_cache import KVCache, decode_forward, prefill
 from jaxrlhf.models.decoder import positions_from_mask
 
@@ -165,9 +164,7 @@ def generate_refill(
     row_lengths = repeat_rows(prompt_mask.sum(-1), n)  # [rows]
 
     config = model.config
-    cache_len = prompt_len + new
-    if model_implementation(settings.attention, config) == "pallas":
-        cache_len = -(-cache_len // KERNEL_BLOCK_KV) * KERNEL_BLOCK_KV  # whole kernel blocks
+    cache_len = cache_length(config, settings, prompt_len + new)
     state = RefillState(
         queued=jnp.int32(0),
         slot_row=jnp.full((slots,), FREE, jnp.int32),
